@@ -1,0 +1,29 @@
+"""fastloss: fast, numerically careful loss functions and gradients for CPUs.
+
+NumPy arrays in, NumPy arrays and scalars out; names and keywords follow
+``torch.nn.functional``.  The kernels are C (src_c/), compiled for several ISAs
+and chosen at import from the CPU (override with ``FASTLOSS_ISA``), threaded
+with OpenMP, and release the GIL.
+
+>>> import numpy as np, fastloss
+>>> fastloss.mse_loss(np.ones(4, np.float32), np.zeros(4, np.float32))
+np.float32(1.0)
+"""
+__version__ = "0.1.0"
+
+from fastloss._config import _select_isa_from_env
+
+_select_isa_from_env()
+
+from fastloss import reference  # noqa: E402
+from fastloss._config import config, get_num_threads, set_num_threads, show_config  # noqa: E402
+from fastloss.regression import (huber_loss, huber_loss_with_grad, l1_loss, l1_loss_with_grad,  # noqa: E402
+                                 mae, mse, mse_loss, mse_loss_with_grad, rmse, rmse_with_grad,
+                                 smooth_l1_loss, smooth_l1_loss_with_grad)
+
+__all__ = [
+    "__version__", "show_config", "config", "set_num_threads", "get_num_threads", "reference",
+    "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "rmse", "mse", "mae",
+    "mse_loss_with_grad", "l1_loss_with_grad", "huber_loss_with_grad", "smooth_l1_loss_with_grad",
+    "rmse_with_grad",
+]

@@ -1,0 +1,61 @@
+# Declarations of the C API in src_c/fastloss.h, for Cython.
+from libc.stdint cimport int64_t
+
+cdef extern from "fastloss.h" nogil:
+    enum:
+        FL_MAX_NDIM
+        FL_BLOCK
+        FL_OK
+        FL_ERR_ARG
+        FL_ERR_DTYPE
+        FL_ERR_NDIM
+        FL_ERR_ISA
+        FL_NOPERANDS
+        FL_OP_INPUT
+        FL_OP_TARGET
+        FL_OP_WEIGHT
+        FL_OP_GRAD
+
+    ctypedef enum fl_dtype:
+        FL_F16
+        FL_BF16
+        FL_F32
+        FL_F64
+
+    ctypedef enum fl_pointwise_op:
+        FL_PW_MSE
+        FL_PW_L1
+        FL_PW_HUBER
+        FL_PW_SMOOTH_L1
+        FL_PW_ONE
+
+    ctypedef struct fl_pointwise_job:
+        fl_pointwise_op op
+        fl_dtype dtype
+        double param
+        int ndim
+        int nred
+        int64_t shape[64]
+        int64_t strides[4][64]
+        const void *input
+        const void *target
+        const void *weight
+        void *grad
+        void *loss_out
+        const double *grad_scale
+        double *sum_wl
+        double *sum_w
+        double *scratch
+
+    int64_t fl_pointwise_scratch_len(const fl_pointwise_job *job)
+    int fl_pointwise(const fl_pointwise_job *job, int nthreads)
+    double fl_read_sum_f32(const float *x, int64_t n, int nthreads)
+    int fl_isa_compiled(int isa)
+    int fl_isa_supported(int isa)
+    int fl_get_isa()
+    int fl_set_isa(int isa)
+    const char *fl_isa_name(int isa)
+    int fl_have_openmp()
+    int fl_omp_max_threads()
+    int fl_num_procs()
+    const char *fl_compiler()

@@ -1,0 +1,165 @@
+# cython: language_level=3
+"""Cython bindings of the C kernels (src_c/).  Private: use the functions in
+``fastloss`` instead.
+
+This layer does no math and no user-facing validation.  It takes arrays already
+checked, broadcast and transposed by the Python layer, fills the C job struct
+(pointers, shape, byte strides), allocates scratch and outputs through NumPy (so
+``tracemalloc`` sees them), releases the GIL around the kernel and turns status
+codes into exceptions.
+"""
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+
+
+cnp.import_array()
+
+ISA_NAMES = ("baseline", "avx2", "avx512")
+POINTWISE_OPS = {"mse": FL_PW_MSE, "l1": FL_PW_L1, "huber": FL_PW_HUBER,
+                 "smooth_l1": FL_PW_SMOOTH_L1, "one": FL_PW_ONE}
+MAX_NDIM = FL_MAX_NDIM
+BLOCK = FL_BLOCK
+
+
+cdef int _dtype_code(cnp.dtype dt) except -1:
+    if dt.num == cnp.NPY_FLOAT32:
+        return FL_F32
+    if dt.num == cnp.NPY_FLOAT64:
+        return FL_F64
+    if dt.num == cnp.NPY_FLOAT16:
+        return FL_F16
+    if dt.name == "bfloat16" and dt.itemsize == 2:
+        return FL_BF16
+    raise TypeError(f"fastloss kernels do not support dtype {dt}")
+
+
+cdef _check(int status, str what):
+    if status == FL_OK:
+        return
+    if status == FL_ERR_ISA:
+        raise RuntimeError(f"{what}: ISA not available")
+    if status == FL_ERR_DTYPE:
+        raise TypeError(f"{what}: unsupported dtype")
+    raise RuntimeError(f"{what}: internal error (status {status}); please report this as a bug")
+
+
+cdef void _set_operand(fl_pointwise_job *job, int k, cnp.ndarray a):
+    cdef int d
+    cdef cnp.npy_intp *st = cnp.PyArray_STRIDES(a)
+    for d in range(job.ndim):
+        job.strides[k][d] = st[d]
+
+
+def pointwise(str op, double param, cnp.ndarray x, cnp.ndarray t, object w, object g, object e,
+              int nred, object sum_wl, object sum_w, object grad_scale, int nthreads):
+    """Run one pointwise job (see fl_pointwise_job in src_c/fastloss.h).
+
+    x, t, w, g share shape and dtype (w, g may be None); the last `nred` dims are
+    reduced.  e: C-contiguous float32/float64 output or None.  sum_wl, sum_w:
+    float64 arrays of n_out (or None).  grad_scale: float64 array of n_out.
+    """
+    cdef fl_pointwise_job job
+    cdef int d, status
+    cdef cnp.ndarray wa, ga, ea, swl, sw, gs, scratch
+    memset(&job, 0, sizeof(job))
+    if x.ndim > FL_MAX_NDIM:
+        raise ValueError(f"at most {FL_MAX_NDIM} dimensions are supported")
+    job.op = POINTWISE_OPS[op]
+    job.dtype = <fl_dtype>_dtype_code(x.dtype)
+    job.param = param
+    job.ndim = x.ndim
+    job.nred = nred
+    for d in range(x.ndim):
+        job.shape[d] = x.shape[d]
+    if t.dtype != x.dtype or t.ndim != x.ndim:
+        raise ValueError("internal: target layout differs from input")
+    job.input = cnp.PyArray_DATA(x)
+    _set_operand(&job, FL_OP_INPUT, x)
+    job.target = cnp.PyArray_DATA(t)
+    _set_operand(&job, FL_OP_TARGET, t)
+    if w is not None:
+        wa = w
+        if wa.dtype != x.dtype or wa.ndim != x.ndim:
+            raise ValueError("internal: weight layout differs from input")
+        job.weight = cnp.PyArray_DATA(wa)
+        _set_operand(&job, FL_OP_WEIGHT, wa)
+    if g is not None:
+        ga = g
+        if ga.dtype != x.dtype or ga.ndim != x.ndim or not ga.flags.writeable:
+            raise ValueError("internal: grad layout differs from input")
+        job.grad = cnp.PyArray_DATA(ga)
+        _set_operand(&job, FL_OP_GRAD, ga)
+        gs = grad_scale
+        job.grad_scale = <const double *>cnp.PyArray_DATA(gs)
+    if e is not None:
+        ea = e
+        if not ea.flags.c_contiguous or ea.dtype != (np.float64 if job.dtype == FL_F64 else np.float32):
+            raise ValueError("internal: bad elementwise output")
+        job.loss_out = cnp.PyArray_DATA(ea)
+    if sum_wl is not None:
+        swl = sum_wl
+        sw = sum_w
+        job.sum_wl = <double *>cnp.PyArray_DATA(swl)
+        job.sum_w = <double *>cnp.PyArray_DATA(sw)
+        scratch = np.empty(max(fl_pointwise_scratch_len(&job), 1), dtype=np.float64)
+        job.scratch = <double *>cnp.PyArray_DATA(scratch)
+    with nogil:
+        status = fl_pointwise(&job, nthreads)
+    _check(status, f"{op} kernel")
+
+
+def read_sum_f32(cnp.ndarray x, int nthreads):
+    """Sum of a C-contiguous float32 array: the plain read kernel used to measure bandwidth."""
+    cdef double s
+    cdef int64_t n = x.size
+    cdef const float *p
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise TypeError("read_sum_f32 needs a C-contiguous float32 array")
+    p = <const float *>cnp.PyArray_DATA(x)
+    with nogil:
+        s = fl_read_sum_f32(p, n, nthreads)
+    return s
+
+
+def isa_compiled():
+    """Names of the ISAs this build contains."""
+    return tuple(ISA_NAMES[i] for i in range(len(ISA_NAMES)) if fl_isa_compiled(i))
+
+
+def isa_supported():
+    """Names of the compiled ISAs that this CPU (and OS) can run."""
+    return tuple(ISA_NAMES[i] for i in range(len(ISA_NAMES)) if fl_isa_supported(i))
+
+
+def get_isa():
+    return ISA_NAMES[fl_get_isa()]
+
+
+def set_isa(str name):
+    if name not in ISA_NAMES:
+        raise ValueError(f"unknown ISA {name!r}; expected one of {', '.join(ISA_NAMES)}")
+    cdef int i = ISA_NAMES.index(name)
+    if not fl_isa_compiled(i):
+        raise RuntimeError(f"ISA {name!r} is not compiled into this build of fastloss "
+                           f"(compiled: {', '.join(isa_compiled())})")
+    if fl_set_isa(i) != FL_OK:
+        raise RuntimeError(f"ISA {name!r} is not supported by this CPU "
+                           f"(supported: {', '.join(isa_supported())})")
+
+
+def have_openmp():
+    return bool(fl_have_openmp())
+
+
+def omp_max_threads():
+    return fl_omp_max_threads()
+
+
+def num_procs():
+    return fl_num_procs()
+
+
+def compiler():
+    return fl_compiler().decode("utf-8", "replace")

@@ -1,0 +1,141 @@
+"""Argument checking shared by every public function.
+
+Errors are raised before any work starts, with a message that names the argument.
+Rules (documented in the README, "Errors and special values"):
+  * arrays: NumPy arrays, anything ``np.asarray`` accepts (lists, scalars, objects
+    with ``__array__`` or the buffer protocol); ``None``, ``str``, ``dict`` and
+    other non-numeric objects -> TypeError.  Python lists/scalars of ints are taken
+    as float64; integer, bool, complex or object *arrays* -> TypeError.
+  * floating dtypes: float16, float32, float64, and bfloat16 (``ml_dtypes``).
+  * non-native byte order and unaligned data are copied (the kernels need native,
+    aligned elements); every other layout (strides, read-only, memmap) is used
+    in place.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _is_bfloat16(dt: np.dtype) -> bool:
+    return dt.name == "bfloat16" and dt.itemsize == 2
+
+
+def is_supported_float(dt: np.dtype) -> bool:
+    return dt in (np.float16, np.float32, np.float64) or _is_bfloat16(dt)
+
+
+def as_float_array(x, name: str) -> np.ndarray:
+    """`x` as an ndarray of a supported float dtype, without copying when possible."""
+    if isinstance(x, np.ndarray):
+        a = x
+    else:
+        if x is None or isinstance(x, (str, bytes, dict, set)):
+            raise TypeError(f"{name} must be an array of floats, got {type(x).__name__}")
+        try:
+            a = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+        if a.dtype.kind in "iub" and isinstance(x, (list, tuple, int, float, np.number, np.bool_)):
+            a = a.astype(np.float64)
+    dt = a.dtype
+    if not is_supported_float(dt):
+        if dt.kind == "f":
+            # e.g. float128 (longdouble): no kernel
+            raise TypeError(f"{name} has dtype {dt}; supported: float16, float32, float64, bfloat16")
+        raise TypeError(
+            f"{name} must be a floating-point array (float16, float32, float64 or bfloat16), got dtype {dt}")
+    if not dt.isnative:
+        a = a.astype(dt.newbyteorder("="))
+    if not a.flags.aligned:
+        a = a.copy()
+    return a
+
+
+def result_float_dtype(*dtypes: np.dtype) -> np.dtype:
+    """Common compute dtype of several float arrays (NumPy promotion; bfloat16 joins as float32)."""
+    uniq = {np.dtype(d) for d in dtypes}
+    if len(uniq) == 1:
+        return uniq.pop()
+    plain = [np.dtype(np.float32) if _is_bfloat16(d) else d for d in uniq]
+    return np.result_type(*plain)
+
+
+def check_reduction(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}")
+    return reduction
+
+
+def normalize_axis(axis, ndim: int) -> tuple[int, ...]:
+    """`axis` (None, int or tuple of ints) as a sorted tuple of non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
+    out = []
+    for ax in axes:
+        if isinstance(ax, bool) or not isinstance(ax, (int, np.integer)):
+            raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= ax < ndim:
+            raise np.exceptions.AxisError(int(ax), ndim, "axis")
+        out.append(int(ax) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis contains a repeated axis: {axis!r}")
+    return tuple(sorted(out))
+
+
+def broadcast_operand(a: np.ndarray, shape: tuple, name: str, to_name: str = "input") -> np.ndarray:
+    """A read-only broadcast view of `a` with `shape` (no copy), or ValueError naming `name`."""
+    if a.shape == shape:
+        return a
+    try:
+        return np.broadcast_to(a, shape)
+    except ValueError:
+        raise ValueError(
+            f"{name} of shape {a.shape} cannot be broadcast to the shape of {to_name} {shape}") from None
+
+
+def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    ok = v >= 0 if allow_zero else v > 0
+    if not ok or not np.isfinite(v):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return v
+
+
+def check_grad_out(grad_out, shape: tuple, dtype: np.dtype, inputs: dict) -> np.ndarray:
+    """Validate a caller-supplied gradient buffer.
+
+    It must be a writeable ndarray of exactly `shape` and `dtype`.  It may be the
+    input array itself (same memory, same strides: in-place gradient) but must not
+    otherwise overlap any input.
+    """
+    if not isinstance(grad_out, np.ndarray):
+        raise TypeError(f"grad_out must be a numpy.ndarray, got {type(grad_out).__name__}")
+    if grad_out.shape != shape:
+        raise ValueError(f"grad_out has shape {grad_out.shape}, expected {shape}")
+    if grad_out.dtype != dtype:
+        raise TypeError(f"grad_out has dtype {grad_out.dtype}, expected {dtype}")
+    if not grad_out.flags.writeable:
+        raise ValueError("grad_out is read-only")
+    if not grad_out.flags.aligned or not grad_out.dtype.isnative:
+        raise ValueError("grad_out must be aligned and in native byte order")
+    for name, arr in inputs.items():
+        if arr is None:
+            continue
+        same = (arr.__array_interface__["data"][0] == grad_out.__array_interface__["data"][0]
+                and arr.strides == grad_out.strides and arr.shape == grad_out.shape
+                and arr.dtype == grad_out.dtype)
+        if same and name == "input":
+            continue
+        try:
+            overlap = np.shares_memory(arr, grad_out, max_work=10_000)
+        except np.exceptions.TooHardError:
+            overlap = True
+        if overlap:
+            raise ValueError(f"grad_out overlaps {name}; only grad_out=input (in place) is allowed")
+    return grad_out

@@ -1,0 +1,106 @@
+/*
+ * fastloss.h -- public C API of the fastloss kernels.
+ *
+ * Plain C99 (+ OpenMP pragmas in the implementation).  No Python here: these
+ * functions can be called from any C program.  Conventions:
+ *   - every function returns a status code (FL_OK = 0, negative = error) and
+ *     never allocates, prints or exits; scratch space is supplied by the caller;
+ *   - sizes and indices are int64_t, strides are in BYTES (NumPy convention),
+ *     may be negative or zero (broadcast);
+ *   - floating inputs come in four storage types (fl_dtype); the math is done in
+ *     double for the regression losses, sums are accumulated in double.
+ */
+#ifndef FASTLOSS_H
+#define FASTLOSS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FL_MAX_NDIM 64          /* >= NPY_MAXDIMS (64 in NumPy 2) */
+#define FL_BLOCK 8192           /* elements per reduction block (fixed: results do not depend on threads) */
+
+enum {
+    FL_OK = 0,
+    FL_ERR_ARG = -1,            /* inconsistent arguments (a bug in the caller) */
+    FL_ERR_DTYPE = -2,          /* unsupported dtype code */
+    FL_ERR_NDIM = -3,           /* too many dimensions */
+    FL_ERR_ISA = -4             /* ISA not compiled in or not supported by this CPU */
+};
+
+typedef enum { FL_F16 = 0, FL_BF16 = 1, FL_F32 = 2, FL_F64 = 3, FL_NDTYPES = 4 } fl_dtype;
+
+typedef enum { FL_ISA_BASELINE = 0, FL_ISA_AVX2 = 1, FL_ISA_AVX512 = 2, FL_NISA = 3 } fl_isa;
+
+/* Pointwise regression losses l(d), d = input - target. */
+typedef enum {
+    FL_PW_MSE = 0,              /* d^2                                           */
+    FL_PW_L1 = 1,               /* |d|                                           */
+    FL_PW_HUBER = 2,            /* 0.5 d^2 if |d| < p else p (|d| - 0.5 p)       */
+    FL_PW_SMOOTH_L1 = 3,        /* 0.5 d^2 / p if |d| < p else |d| - 0.5 p       */
+    FL_PW_ONE = 4,              /* 1 (sums the weights only; reads no input)     */
+    FL_NPW = 5
+} fl_pointwise_op;
+
+/* Operand slots of a pointwise job. */
+enum { FL_OP_INPUT = 0, FL_OP_TARGET = 1, FL_OP_WEIGHT = 2, FL_OP_GRAD = 3, FL_NOPERANDS = 4 };
+
+/*
+ * A pointwise job over a logical array of shape `shape[0..ndim)`.  The last
+ * `nred` dimensions are reduced; the first ndim - nred index the outputs
+ * (n_out = their product, 1 when there are none).  Each operand has its own
+ * byte strides over that same logical shape (0 = broadcast).
+ *
+ * What is computed is chosen by which pointers are set:
+ *   sum_wl, sum_w (n_out doubles each)   reduce: sum w*l and sum w per output
+ *                                         (sum_w = element count when weight is NULL)
+ *   loss_out                              elementwise w*l, written contiguously in
+ *                                         the logical C order (float for F16/BF16/F32,
+ *                                         double for F64); requires nred == ndim
+ *   grad                                  w * dl/dinput * grad_scale[o], written in the
+ *                                         input dtype (may alias input exactly)
+ * scratch: fl_pointwise_scratch_len(job) doubles when reducing, else may be NULL.
+ */
+typedef struct {
+    fl_pointwise_op op;
+    fl_dtype dtype;
+    double param;               /* delta (huber) or beta (smooth L1) */
+    int ndim, nred;
+    int64_t shape[FL_MAX_NDIM];
+    int64_t strides[FL_NOPERANDS][FL_MAX_NDIM];
+    const void *input, *target, *weight;   /* weight may be NULL */
+    void *grad;                             /* may be NULL */
+    void *loss_out;                         /* may be NULL */
+    const double *grad_scale;               /* n_out entries; required when grad != NULL */
+    double *sum_wl, *sum_w;                 /* n_out entries each, or both NULL */
+    double *scratch;
+} fl_pointwise_job;
+
+int64_t fl_pointwise_scratch_len(const fl_pointwise_job *job);
+int fl_pointwise(const fl_pointwise_job *job, int nthreads);
+
+/* Plain read kernel (bandwidth probe): returns the sum of x[0..n). */
+double fl_read_sum_f32(const float *x, int64_t n, int nthreads);
+
+/* ISA dispatch.  The best ISA the CPU supports is selected at first use. */
+int fl_isa_compiled(int isa);         /* 1 if this build contains the ISA */
+int fl_isa_supported(int isa);        /* 1 if compiled AND the CPU/OS support it */
+int fl_get_isa(void);
+int fl_set_isa(int isa);              /* FL_OK or FL_ERR_ISA */
+const char *fl_isa_name(int isa);
+
+/* Threads (OpenMP when compiled with it, 1 otherwise). */
+int fl_have_openmp(void);
+int fl_omp_max_threads(void);         /* omp_get_max_threads() at call time */
+int fl_num_procs(void);
+
+/* The compiler that built the kernels, e.g. "gcc 12.2.0". */
+const char *fl_compiler(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FASTLOSS_H */

@@ -1,0 +1,448 @@
+/*
+ * pointwise_body.h -- the pointwise regression kernels, written once.
+ *
+ * Included by each isa_*.c after a `#pragma GCC target(...)`, so the same body
+ * is compiled for the baseline, AVX2+FMA+F16C and AVX-512; FL_TABLE_NAME names
+ * the kernel table that the including file exports.
+ *
+ * Design
+ * ------
+ * A job is a logical array of shape (out..., red...) with per-operand byte strides
+ * (see fl_pointwise_job in fastloss.h).  Work is cut into ITEMS: for each output o,
+ * the reduced elements are split into fixed blocks of FL_BLOCK elements (in C order).
+ * Item (o, b) walks its block as a sequence of SEGMENTS along the innermost
+ * dimension; a segment is handled by a loop specialized at compile time for
+ * (dtype, loss, weight or not, what is written), which the compiler vectorizes
+ * when the innermost strides are unit (the common case); other strides take a
+ * generic scalar loop.
+ *
+ * Determinism: each item writes its partial sums (sum w*l, sum w; double) into its
+ * own scratch slot; the slots of an output are then combined in item order with
+ * Neumaier compensated summation.  The split into items does not depend on the
+ * thread count, so neither does the result (bitwise).  Within a segment the
+ * order of the double accumulation is fixed by the compiled vector width, so
+ * different ISAs may differ in the last bits (all are far below float32 ulp).
+ *
+ * Math per element (d = x - t, w = weight or 1), all in double:
+ *   mse        l = d^2                               dl/dx = 2 d
+ *   l1         l = |d|                               dl/dx = sign(d), 0 at 0, NaN at NaN
+ *   huber(p)   l = 0.5 d^2 if |d| < p else p(|d| - p/2)       dl/dx = clamp(d, -p, p)
+ *   smooth_l1  l = 0.5 d^2/p if |d| < p else |d| - p/2        dl/dx = d/p if |d| < p else sign(d)
+ *   one        l = 1 (used to sum weights alone)     dl/dx = 0
+ */
+#ifndef FL_TABLE_NAME
+#error "define FL_TABLE_NAME before including pointwise_body.h"
+#endif
+
+#include "fl_internal.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ---- 1. the losses and their derivatives, in double ------------------------ */
+
+static inline double pw_sign(double d) { return d > 0.0 ? 1.0 : (d < 0.0 ? -1.0 : d); }
+
+static inline double loss_mse(double d, double p, double q) { (void)p; (void)q; return d * d; }
+static inline double grad_mse(double d, double p, double q) { (void)p; (void)q; return 2.0 * d; }
+
+static inline double loss_l1(double d, double p, double q) { (void)p; (void)q; return fabs(d); }
+static inline double grad_l1(double d, double p, double q) { (void)p; (void)q; return pw_sign(d); }
+
+static inline double loss_huber(double d, double p, double q)
+{
+    (void)q;
+    double z = fabs(d);
+    return z < p ? 0.5 * z * z : p * (z - 0.5 * p);
+}
+static inline double grad_huber(double d, double p, double q)
+{
+    (void)q;
+    return d < -p ? -p : (d > p ? p : d);
+}
+
+/* q = 1/p (inf when p == 0: that branch is then never taken) */
+static inline double loss_sl1(double d, double p, double q)
+{
+    double z = fabs(d);
+    return z < p ? 0.5 * z * z * q : z - 0.5 * p;
+}
+static inline double grad_sl1(double d, double p, double q)
+{
+    return fabs(d) < p ? d * q : pw_sign(d);
+}
+
+static inline double loss_one(double d, double p, double q) { (void)d; (void)p; (void)q; return 1.0; }
+static inline double grad_one(double d, double p, double q) { (void)d; (void)p; (void)q; return 0.0; }
+
+/* ---- 2. storage types ------------------------------------------------------ */
+
+#define LD_f32(v) ((double)(v))
+#define ST_f32(v) ((float)(v))
+#define LD_f64(v) (v)
+#define ST_f64(v) (v)
+#define LD_f16(v) ((double)fl_half_to_f32(v))
+#define ST_f16(v) fl_f32_to_half((float)(v))
+#define LD_bf16(v) ((double)fl_bf16_to_f32(v))
+#define ST_bf16(v) fl_f32_to_bf16((float)(v))
+
+/* ---- 3. unit-stride segment loops, one per (dtype, loss, weight, outputs) ---
+ * n elements; x, t, g (and w when HASW) advance by one element.
+ * no weight:  acc[0] += lscale * sum l;      e = lscale * l;   g = gscale * l'
+ * weight:     acc[0] += sum w l, acc[1] += sum w;  e = w l;    g = gscale * w l'
+ * (lscale carries a weight that is constant over the segment, e.g. broadcast.)
+ * g is not restrict: it may be the input itself (in-place gradient); `omp simd`
+ * states that iterations are independent, which holds for g == x.            */
+typedef void (*pw_seg_fn)(int64_t n, const void *x, const void *t, const void *w, void *g,
+                          void *e, double p, double q, double lscale, double gscale, double *acc);
+
+#define PW_SEG(DT, T, OUT, OP, HASW, WT, MODE, R, E, G)                                        \
+    static void seg_##DT##_##OP##_##WT##_##MODE(int64_t n, const void *x_, const void *t_,     \
+                                                 const void *w_, void *g_, void *e_, double p, \
+                                                 double q, double lscale, double gscale,       \
+                                                 double *acc)                                  \
+    {                                                                                          \
+        const T *x = (const T *)x_; /* not restrict: g may be x */                             \
+        const T *FL_RESTRICT t = (const T *)t_;                                                \
+        const T *FL_RESTRICT w = (const T *)w_;                                                \
+        T *g = (T *)g_;                                                                        \
+        OUT *FL_RESTRICT e = (OUT *)e_;                                                        \
+        double s_wl = 0.0, s_w = 0.0;                                                          \
+        (void)x; (void)t; (void)w; (void)g; (void)e; (void)lscale; (void)gscale; (void)s_w;    \
+        _Pragma("omp simd reduction(+:s_wl, s_w)")                                             \
+        for (int64_t i = 0; i < n; i++) {                                                      \
+            double d = LD_##DT(x[i]) - LD_##DT(t[i]);                                          \
+            double wi = HASW ? LD_##DT(w[i]) : 1.0;                                            \
+            double l = loss_##OP(d, p, q);                                                     \
+            if (R) { s_wl += wi * l; if (HASW) s_w += wi; }                                    \
+            if (E) e[i] = (OUT)(HASW ? wi * l : lscale * l);                                   \
+            if (G) g[i] = ST_##DT(gscale * (HASW ? wi : 1.0) * grad_##OP(d, p, q));            \
+        }                                                                                      \
+        if (R) { acc[0] += HASW ? s_wl : lscale * s_wl; if (HASW) acc[1] += s_w; }             \
+    }
+
+#define PW_SEG_MODES(DT, T, OUT, OP, HASW, WT)          \
+    PW_SEG(DT, T, OUT, OP, HASW, WT, R, 1, 0, 0)        \
+    PW_SEG(DT, T, OUT, OP, HASW, WT, E, 0, 1, 0)        \
+    PW_SEG(DT, T, OUT, OP, HASW, WT, G, 0, 0, 1)        \
+    PW_SEG(DT, T, OUT, OP, HASW, WT, RG, 1, 0, 1)       \
+    PW_SEG(DT, T, OUT, OP, HASW, WT, EG, 0, 1, 1)
+
+#define PW_SEG_W(DT, T, OUT, OP) PW_SEG_MODES(DT, T, OUT, OP, 0, nw) PW_SEG_MODES(DT, T, OUT, OP, 1, vw)
+
+#define PW_SEG_OPS(DT, T, OUT)          \
+    PW_SEG_W(DT, T, OUT, mse)           \
+    PW_SEG_W(DT, T, OUT, l1)            \
+    PW_SEG_W(DT, T, OUT, huber)         \
+    PW_SEG_W(DT, T, OUT, sl1)           \
+    PW_SEG_W(DT, T, OUT, one)
+
+PW_SEG_OPS(f16, fl_half, float)
+PW_SEG_OPS(bf16, fl_bf16, float)
+PW_SEG_OPS(f32, float, float)
+PW_SEG_OPS(f64, double, double)
+
+/* table[dtype][op][weighted][mode]; mode index: R, E, G, RG, EG */
+enum { PW_M_R = 0, PW_M_E = 1, PW_M_G = 2, PW_M_RG = 3, PW_M_EG = 4, PW_NMODES = 5 };
+
+#define PW_TAB_MODES(DT, OP, WT)                                                    \
+    { seg_##DT##_##OP##_##WT##_R, seg_##DT##_##OP##_##WT##_E, seg_##DT##_##OP##_##WT##_G, \
+      seg_##DT##_##OP##_##WT##_RG, seg_##DT##_##OP##_##WT##_EG }
+#define PW_TAB_W(DT, OP) { PW_TAB_MODES(DT, OP, nw), PW_TAB_MODES(DT, OP, vw) }
+#define PW_TAB_OPS(DT) \
+    { PW_TAB_W(DT, mse), PW_TAB_W(DT, l1), PW_TAB_W(DT, huber), PW_TAB_W(DT, sl1), PW_TAB_W(DT, one) }
+
+static const pw_seg_fn pw_seg_table[FL_NDTYPES][FL_NPW][2][PW_NMODES] = {
+    PW_TAB_OPS(f16), PW_TAB_OPS(bf16), PW_TAB_OPS(f32), PW_TAB_OPS(f64)
+};
+
+/* ---- 4. generic-stride segment loop (any strides, scalar) ------------------ */
+
+static inline double pw_loss_any(int op, double d, double p, double q)
+{
+    switch (op) {
+    case FL_PW_MSE: return loss_mse(d, p, q);
+    case FL_PW_L1: return loss_l1(d, p, q);
+    case FL_PW_HUBER: return loss_huber(d, p, q);
+    case FL_PW_SMOOTH_L1: return loss_sl1(d, p, q);
+    default: return loss_one(d, p, q);
+    }
+}
+
+static inline double pw_grad_any(int op, double d, double p, double q)
+{
+    switch (op) {
+    case FL_PW_MSE: return grad_mse(d, p, q);
+    case FL_PW_L1: return grad_l1(d, p, q);
+    case FL_PW_HUBER: return grad_huber(d, p, q);
+    case FL_PW_SMOOTH_L1: return grad_sl1(d, p, q);
+    default: return grad_one(d, p, q);
+    }
+}
+
+#define PW_GENERIC(DT, T, OUT)                                                                   \
+    static void gen_##DT(int op, int64_t n, const char *x, const char *t, const char *w, char *g, \
+                         OUT *e, const int64_t *s, double p, double q, double gscale,            \
+                         double *acc)                                                            \
+    {                                                                                            \
+        double s_wl = 0.0, s_w = 0.0;                                                            \
+        for (int64_t i = 0; i < n; i++) {                                                        \
+            double d = LD_##DT(*(const T *)(x + i * s[FL_OP_INPUT])) -                           \
+                       LD_##DT(*(const T *)(t + i * s[FL_OP_TARGET]));                           \
+            double wi = w ? LD_##DT(*(const T *)(w + i * s[FL_OP_WEIGHT])) : 1.0;                \
+            double l = pw_loss_any(op, d, p, q);                                                 \
+            s_wl += wi * l;                                                                      \
+            s_w += wi;                                                                           \
+            if (e) e[i] = (OUT)(wi * l);                                                         \
+            if (g) *(T *)(g + i * s[FL_OP_GRAD]) = ST_##DT(gscale * wi * pw_grad_any(op, d, p, q)); \
+        }                                                                                        \
+        acc[0] += s_wl;                                                                          \
+        acc[1] += s_w;                                                                           \
+    }
+
+PW_GENERIC(f16, fl_half, float)
+PW_GENERIC(bf16, fl_bf16, float)
+PW_GENERIC(f32, float, float)
+PW_GENERIC(f64, double, double)
+
+/* ---- 5. the plan: a normalized copy of the job ---------------------------- */
+
+typedef struct {
+    const fl_pointwise_job *job;
+    int ndim, nout_dims;                  /* after dropping size-1 dims and merging */
+    int64_t shape[FL_MAX_NDIM];
+    int64_t strides[FL_NOPERANDS][FL_MAX_NDIM];
+    int present[FL_NOPERANDS];
+    int64_t n_out, n_red, nblk, items;
+    size_t itemsize;
+    double p, q;
+    int mode;                             /* PW_M_* */
+    int fast;                             /* innermost strides allow the unit-stride loops */
+    int wkind;                            /* 0 none, 1 vector, 2 constant along innermost dim */
+} pw_plan;
+
+static size_t pw_itemsize(fl_dtype dt) { return dt == FL_F64 ? 8 : (dt == FL_F32 ? 4 : 2); }
+
+static int pw_make_plan(const fl_pointwise_job *J, pw_plan *P)
+{
+    if (J->ndim < 0 || J->ndim > FL_MAX_NDIM || J->nred < 0 || J->nred > J->ndim) return FL_ERR_ARG;
+    if ((int)J->dtype < 0 || J->dtype >= FL_NDTYPES) return FL_ERR_DTYPE;
+    if ((int)J->op < 0 || J->op >= FL_NPW) return FL_ERR_ARG;
+    int reduce = J->sum_wl != NULL;
+    if (reduce != (J->sum_w != NULL)) return FL_ERR_ARG;
+    if (J->loss_out && (reduce || J->nred != J->ndim)) return FL_ERR_ARG;
+    if (J->grad && !J->grad_scale) return FL_ERR_ARG;
+    if (!reduce && !J->loss_out && !J->grad) return FL_ERR_ARG;
+    if (!J->input || !J->target) return FL_ERR_ARG;
+
+    P->job = J;
+    P->itemsize = pw_itemsize(J->dtype);
+    P->p = J->param;
+    P->q = 1.0 / J->param;
+    P->present[FL_OP_INPUT] = 1;
+    P->present[FL_OP_TARGET] = 1;
+    P->present[FL_OP_WEIGHT] = J->weight != NULL;
+    P->present[FL_OP_GRAD] = J->grad != NULL;
+    if (reduce && J->grad) P->mode = PW_M_RG;
+    else if (reduce) P->mode = PW_M_R;
+    else if (J->loss_out && J->grad) P->mode = PW_M_EG;
+    else if (J->loss_out) P->mode = PW_M_E;
+    else P->mode = PW_M_G;
+
+    /* Drop size-1 dims, then merge neighbours inside the same group (outputs or
+     * reduced) when every present operand is contiguous across them.  Neither
+     * changes the C order of the elements, so flat indices are preserved. */
+    int nd = 0, nout = 0;
+    int64_t n_out = 1, n_red = 1;
+    int first_red = J->ndim - J->nred;
+    for (int d = 0; d < J->ndim; d++) {
+        int64_t n = J->shape[d];
+        if (n < 0) return FL_ERR_ARG;
+        if (d < first_red) n_out *= n; else n_red *= n;
+        if (n == 1) continue;
+        int is_out = d < first_red;
+        int merge = nd > 0 && (is_out || nd > nout);   /* out dims come first */
+        if (merge) {
+            for (int k = 0; k < FL_NOPERANDS; k++)
+                if (P->present[k] && P->strides[k][nd - 1] != J->strides[k][d] * n) merge = 0;
+        }
+        if (merge) {
+            P->shape[nd - 1] *= n;
+            for (int k = 0; k < FL_NOPERANDS; k++) P->strides[k][nd - 1] = J->strides[k][d];
+        } else {
+            P->shape[nd] = n;
+            for (int k = 0; k < FL_NOPERANDS; k++) P->strides[k][nd] = P->present[k] ? J->strides[k][d] : 0;
+            nd++;
+            if (is_out) nout++;
+        }
+    }
+    if (nd == 0 || nd == nout) {              /* no reduced dim left: add a unit one */
+        P->shape[nd] = 1;
+        for (int k = 0; k < FL_NOPERANDS; k++) P->strides[k][nd] = 0;
+        nd++;
+    }
+    P->ndim = nd;
+    P->nout_dims = nout;
+    P->n_out = n_out;
+    P->n_red = n_red;
+    P->nblk = n_red == 0 ? 0 : (n_red + FL_BLOCK - 1) / FL_BLOCK;
+    P->items = n_out * P->nblk;
+
+    int last = nd - 1;
+    int64_t isz = (int64_t)P->itemsize;
+    int64_t sw = P->strides[FL_OP_WEIGHT][last];
+    P->fast = P->strides[FL_OP_INPUT][last] == isz && P->strides[FL_OP_TARGET][last] == isz &&
+              (!J->grad || P->strides[FL_OP_GRAD][last] == isz) &&
+              (!J->weight || sw == isz || sw == 0);
+    P->wkind = !J->weight ? 0 : (sw == 0 ? 2 : 1);
+    return FL_OK;
+}
+
+/* ---- 6. one item: block b of output o ------------------------------------- */
+
+static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
+{
+    const fl_pointwise_job *J = P->job;
+    const int nd = P->ndim, last = nd - 1;
+    int64_t r0 = b * FL_BLOCK;
+    int64_t remaining = (P->n_red - r0 < FL_BLOCK) ? P->n_red - r0 : FL_BLOCK;
+    int64_t flat = o * P->n_red + r0;        /* C-order index over the whole array */
+    int64_t idx[FL_MAX_NDIM], off[FL_NOPERANDS] = {0, 0, 0, 0};
+
+    int64_t f = flat;
+    for (int d = last; d >= 0; d--) {
+        idx[d] = f % P->shape[d];
+        f /= P->shape[d];
+        for (int k = 0; k < FL_NOPERANDS; k++) off[k] += idx[d] * P->strides[k][d];
+    }
+
+    const char *x = (const char *)J->input, *t = (const char *)J->target;
+    const char *w = (const char *)J->weight;
+    char *g = (char *)J->grad;
+    const size_t osz = J->dtype == FL_F64 ? sizeof(double) : sizeof(float);
+    char *e = (char *)J->loss_out;
+    const double gs = J->grad ? J->grad_scale[o] : 1.0;
+    pw_seg_fn fn = P->fast ? pw_seg_table[J->dtype][J->op][P->wkind == 1][P->mode] : NULL;
+
+    while (remaining > 0) {
+        int64_t seg = P->shape[last] - idx[last];
+        if (seg > remaining) seg = remaining;
+        const char *xs = x + off[FL_OP_INPUT], *ts = t + off[FL_OP_TARGET];
+        const char *ws = w ? w + off[FL_OP_WEIGHT] : NULL;
+        char *gp = g ? g + off[FL_OP_GRAD] : NULL;
+        char *ep = e ? e + flat * (int64_t)osz : NULL;
+        if (fn) {
+            if (P->wkind == 2) {             /* weight constant along this segment */
+                double wv;
+                switch (J->dtype) {
+                case FL_F16: wv = LD_f16(*(const fl_half *)ws); break;
+                case FL_BF16: wv = LD_bf16(*(const fl_bf16 *)ws); break;
+                case FL_F32: wv = LD_f32(*(const float *)ws); break;
+                default: wv = LD_f64(*(const double *)ws); break;
+                }
+                fn(seg, xs, ts, NULL, gp, ep, P->p, P->q, wv, gs * wv, acc);
+                acc[1] += wv * (double)seg;
+            } else {
+                fn(seg, xs, ts, ws, gp, ep, P->p, P->q, 1.0, gs, acc);
+                if (P->wkind == 0) acc[1] += (double)seg;
+            }
+        } else {
+            int64_t s[FL_NOPERANDS];
+            for (int k = 0; k < FL_NOPERANDS; k++) s[k] = P->strides[k][last];
+            switch (J->dtype) {
+            case FL_F16: gen_f16(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, gs, acc); break;
+            case FL_BF16: gen_bf16(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, gs, acc); break;
+            case FL_F32: gen_f32(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, gs, acc); break;
+            default: gen_f64(J->op, seg, xs, ts, ws, gp, (double *)ep, s, P->p, P->q, gs, acc); break;
+            }
+        }
+        remaining -= seg;
+        flat += seg;
+        /* advance the multi-index by seg along the last dim, carrying upwards */
+        idx[last] += seg;
+        for (int k = 0; k < FL_NOPERANDS; k++) off[k] += seg * P->strides[k][last];
+        for (int d = last; d > 0 && idx[d] == P->shape[d]; d--) {
+            idx[d] = 0;
+            idx[d - 1]++;
+            for (int k = 0; k < FL_NOPERANDS; k++)
+                off[k] += P->strides[k][d - 1] - P->shape[d] * P->strides[k][d];
+        }
+    }
+}
+
+/* ---- 7. driver -------------------------------------------------------------- */
+
+#define PW_MIN_PER_THREAD ((int64_t)1 << 16)   /* elements; below this, threads cost more than they give */
+
+/* Neumaier summation of v[0], v[stride], ...; infinities/NaN pass through. */
+static double pw_fsum(const double *v, int64_t n, int64_t stride)
+{
+    double s = 0.0, c = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        double a = v[i * stride], tt = s + a;
+        if (isfinite(tt)) c += fabs(s) >= fabs(a) ? (s - tt) + a : (a - tt) + s;
+        s = tt;
+    }
+    return isfinite(s) ? s + c : s;
+}
+
+static int pw_run(const fl_pointwise_job *J, int nthreads)
+{
+    pw_plan P;
+    int st = pw_make_plan(J, &P);
+    if (st != FL_OK) return st;
+    const int reduce = J->sum_wl != NULL;
+    if (reduce && !J->scratch && P.items > 0) return FL_ERR_ARG;
+
+    int64_t total = P.n_out * P.n_red;
+    int64_t nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > P.items) nt = P.items;
+    if (nt > total / PW_MIN_PER_THREAD) nt = total / PW_MIN_PER_THREAD;
+    if (nt < 1) nt = 1;
+
+    double *scratch = J->scratch;
+    const int64_t items = P.items;
+    const int64_t nblk = P.nblk;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
+#endif
+    for (int64_t it = 0; it < items; it++) {
+        double acc[2] = {0.0, 0.0};
+        pw_run_item(&P, it / nblk, it % nblk, acc);
+        if (reduce) {
+            scratch[2 * it] = acc[0];
+            scratch[2 * it + 1] = acc[1];
+        }
+    }
+    if (reduce) {
+        for (int64_t o = 0; o < P.n_out; o++) {
+            J->sum_wl[o] = pw_fsum(scratch + 2 * o * nblk, nblk, 2);
+            J->sum_w[o] = pw_fsum(scratch + 2 * o * nblk + 1, nblk, 2);
+        }
+    }
+    return FL_OK;
+}
+
+/* ---- 8. plain read (bandwidth probe) --------------------------------------- */
+
+static double read_sum_f32(const float *x, int64_t n, int nthreads)
+{
+    double total = 0.0;
+    int64_t nblk = (n + FL_BLOCK - 1) / FL_BLOCK;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : total) if (nt > 1)
+#endif
+    for (int64_t b = 0; b < nblk; b++) {
+        int64_t i0 = b * FL_BLOCK, i1 = i0 + FL_BLOCK < n ? i0 + FL_BLOCK : n;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = i0; i < i1; i++) s += x[i];
+        total += s;
+    }
+    return total;
+}
+
+const fl_kernel_table FL_TABLE_NAME = {pw_run, read_sum_f32};
