@@ -41,9 +41,8 @@ axis
 dtype
     The dtype to compute in (default float64).  ``None`` computes in the
     input's own dtype (NumPy's usual type promotion applies; integer and
-    bool inputs are converted to float64).  Sums of
-    float16 values are accumulated in float32 and rounded back to float16,
-    as ``np.mean`` does.
+    bool inputs are converted to float64).  Sums of float16 values are
+    accumulated in float32 and rounded back to float16, as ``np.mean`` does.
 
 Each loss has a ``<name>_grad`` function with the same arguments that returns
 the gradient of ``loss(...).sum()`` with respect to ``input`` (same shape as
@@ -58,6 +57,16 @@ the gradient of ``loss(...).sum()`` with respect to ``input`` (same shape as
 times the weight, and for ``reduction="mean"`` divided by ``sum(w)`` (or the
 element count) of the slice that was reduced.  For ``rmse`` the gradient is
 ``dMSE/dx / (2 * rmse)``, and 0 where ``rmse == 0``.
+
+Invalid arguments raise ValueError (``delta <= 0``, ``beta < 0``, an unknown
+reduction, a shape that does not broadcast to ``input``); a bad axis raises
+NumPy's AxisError.
+
+Known differences from torch 2.13 (``torch.nn.functional``): torch's weighted
+``huber_loss`` mean divides by the element count instead of ``sum(w)``; torch
+accepts only a weight of exactly the input's shape and has no weight for
+``smooth_l1_loss``; torch's l1 gradient (and smooth_l1 with ``beta == 0``) is 0
+rather than nan where ``x - t`` is nan.
 """
 
 import math
