@@ -32,6 +32,14 @@
 #define FL_RESTRICT
 #endif
 
+/* Prefetch (a hint: never faults) `bytes` past `ptr`; the address is formed as an
+ * integer so that running past the end of an array is not pointer UB. */
+#if defined(__GNUC__)
+#define FL_PREFETCH(ptr, bytes) __builtin_prefetch((const void *)((uintptr_t)(ptr) + (bytes)), 0, 3)
+#else
+#define FL_PREFETCH(ptr, bytes) ((void)0)
+#endif
+
 /* Per-ISA kernel table: each isa_*.c instantiates one. */
 typedef struct {
     int (*pointwise)(const fl_pointwise_job *job, int nthreads);
