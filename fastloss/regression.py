@@ -154,9 +154,7 @@ _COMMON_DOC = """
     weight : array_like, optional
         Per-element weights broadcastable to ``input.shape``; the loss of each element
         is multiplied by its weight and ``"mean"`` divides by the sum of weights.
-    reduction : {"mean", "sum", "none"}
-        ``"none"`` returns the elementwise (weighted) loss with ``input``'s shape.
-    axis : None, int or tuple of ints
+{reduction}    axis : None, int or tuple of ints
         Axes reduced by ``"mean"``/``"sum"`` (default: all), e.g. ``axis=0`` gives one
         loss per output column (scikit-learn's ``multioutput="raw_values"``).
     num_threads : int, optional
@@ -177,11 +175,17 @@ _GRAD_DOC = """
 """
 
 
-def _document(func, title, formula, params, example):
+_REDUCTION_DOC = """    reduction : {"mean", "sum", "none"}
+        ``"none"`` returns the elementwise (weighted) loss with ``input``'s shape.
+"""
+
+
+def _document(func, title, formula, params, example, reduction=True):
+    common = _COMMON_DOC.format(reduction=_REDUCTION_DOC if reduction else "")
     func.__doc__ = f"""{title}
 
     {formula}
-{params}{_COMMON_DOC}{_GRAD_DOC}
+{params}{common}{_GRAD_DOC}
     Examples
     --------
 {example}
@@ -275,7 +279,7 @@ _document(rmse, "Root mean squared error: ``sqrt(mse_loss(..., reduction='mean')
           "  gradient w_i (input_i - target_i) / (loss * sum_i w_i), 0 where loss == 0",
           "    (no ``reduction``: RMSE is always a mean; use ``axis`` for per-column values)\n",
           "    >>> fastloss.rmse(np.array([[1.0, 2.0], [3.0, 6.0]]), np.zeros((2, 2)), axis=0)\n"
-          "    array([3.16227766, 4.47213595])")
+          "    array([2.23606798, 4.47213595])", reduction=False)
 for _f, _base in ((mse_loss_with_grad, mse_loss), (l1_loss_with_grad, l1_loss),
                   (huber_loss_with_grad, huber_loss), (smooth_l1_loss_with_grad, smooth_l1_loss),
                   (rmse_with_grad, rmse)):
