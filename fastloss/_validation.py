@@ -23,7 +23,14 @@ def _is_bfloat16(dt: np.dtype) -> bool:
 
 
 def is_supported_float(dt: np.dtype) -> bool:
-    return dt in (np.float16, np.float32, np.float64) or _is_bfloat16(dt)
+    """float16/32/64 (either byte order) or bfloat16."""
+    return dt.newbyteorder("=") in (np.float16, np.float32, np.float64) or _is_bfloat16(dt)
+
+
+def is_python_scalar(x) -> bool:
+    """A Python int or float: a "weak" scalar in NumPy 2's promotion rules (it takes the
+    dtype of the array it is combined with)."""
+    return type(x) in (int, float)
 
 
 def as_float_array(x, name: str) -> np.ndarray:

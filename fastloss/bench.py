@@ -17,19 +17,21 @@ Design
 * **Timing.**  The providers of one group (fastloss per thread count and ISA, NumPy,
   torch per thread count) run in interleaved rounds (fastloss, NumPy, torch,
   fastloss, ...) so that the noise of this shared machine hits all of them alike.
-  One warm-up call each first (on a 2**20-element prefix for the largest sizes, where
-  every call allocates fresh memory anyway and a full-size warm-up would cost more
-  than the measurement), then rounds until both a minimum count and a minimum time
-  are reached (:class:`Policy`; fewer rounds for large sizes).  Each sample is one
-  call; results are released outside the timed region.  Reported: the median, and
-  the quartiles in JSON.  Only medians and ratios measured in the same run mean
-  anything here; absolute times drift 20-30 % between runs.
+  One warm-up call each first (on a 2**20-element prefix for arrays above 32 MiB,
+  which get fresh pages on every call anyway), then rounds until a minimum count and
+  a minimum time are reached; fewer calls for large sizes, and slow competitors stop
+  after 2 calls and 0.5 s (:class:`Policy`), which keeps the default run near a minute.
+  Each sample is one call; results are released outside the timed region.
+  Reported: the median (quartiles in JSON).  Only medians and ratios measured in
+  the same run mean anything here; absolute times drift 20-30 % between runs.
 * **Bandwidth.**  The plain read kernel ``fastloss._core.read_sum_f32`` on a 1 GiB
-  float32 array, per thread count, before and after the cases (samples pooled), is
-  the yardstick for each fastloss case's GB/s (:meth:`Case.nbytes`).
-* **Sanity.**  The warm-up results of fastloss and torch are compared with NumPy's
-  (loss, and a strided sample of the gradient); a mismatch is reported, since a fast
-  wrong answer is not a result.
+  float32 array, per thread count, before and after the cases (best of the pooled
+  samples, as STREAM reports: contention only ever slows a read), is the yardstick
+  for each fastloss case's GB/s (:meth:`Case.nbytes`).
+* **Is it right?**  The warm-up results of fastloss and torch are compared with
+  NumPy's (loss, and a strided sample of the gradient) and a mismatch is flagged,
+  since a fast wrong answer is not a result; at one size (1e6 by default) the error
+  of each provider against the float64 reference is printed (:func:`accuracy`).
 """
 from __future__ import annotations
 
@@ -56,8 +58,7 @@ QUICK_SIZES = (10**6, 10**7)
 PYTEST_SIZES = (10**6, 10**7)
 DEFAULT_THREADS = (1, 2)
 DEFAULT_DTYPE = "float32"
-#: Sizes from which the warm-up uses a prefix of this many elements.
-PREFIX_WARMUP_FROM = 5 * 10**7
+#: Elements of the warm-up call for large arrays (see policy_for).
 WARMUP_PREFIX = 1 << 20
 #: The array read by the bandwidth probe.
 READ_BW_BYTES = 1 << 30
@@ -96,10 +97,6 @@ class Case:
         written once for with-grad."""
         arrays = REGISTRY[self.loss].arrays_read + (self.mode == "with_grad")
         return arrays * self.n * np.dtype(self.dtype).itemsize
-
-    @property
-    def label(self) -> str:
-        return f"{self.loss} n={format_size(self.n)} {self.dtype} {self.mode} {self.threads}t {self.isa}"
 
 
 def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=MODES, dtype=DEFAULT_DTYPE,
@@ -202,30 +199,50 @@ def torch_setup(threads: int) -> Callable[[], None]:
 class Policy:
     """How long one group of providers is timed.
 
-    Rounds (one call of every provider each) continue until at least `min_rounds`
-    rounds and `min_time` seconds; `warmup_prefix` (elements, or None for the full
-    array) is what the warm-up call runs on.
+    Rounds (one call of each provider still running) continue until every provider has
+    ``min_calls`` calls and the group has run ``min_time`` seconds.  A slow competitor
+    (NumPy, torch; never fastloss, whose time every ratio divides by) stops early, once
+    it has ``slow_calls`` calls totalling ``slow_time`` seconds: at 1e8 elements one
+    round of NumPy and torch over the regression losses takes ~20 s (one NumPy Huber
+    call ~2 s), so 3 calls each would take the default run far past its budget of about
+    a minute.  ``warmup_prefix`` (elements, or None for the full arrays) is what the
+    warm-up call runs on.
     """
 
-    min_rounds: int
+    min_calls: int
     min_time: float
+    slow_calls: int
+    slow_time: float
     warmup_prefix: int | None = None
     max_rounds: int = 1000
 
+    def done(self, samples: list, elapsed: float, competitor: bool) -> bool:
+        k = len(samples)
+        if k >= self.min_calls and elapsed >= self.min_time:
+            return True
+        return competitor and k >= self.slow_calls and sum(samples) >= self.slow_time
 
-def policy_for(n: int, quick: bool = False, repeat: int | None = None) -> Policy:
+
+def policy_for(n: int, dtype=DEFAULT_DTYPE, quick: bool = False, repeat: int | None = None) -> Policy:
+    """The timing policy of arrays of `n` elements (fewer calls for large sizes).
+
+    ``repeat`` forces exactly that minimum number of calls for every provider.
+    """
     if n <= 2 * 10**6:
-        rounds, min_time = 7, 0.3
+        calls, min_time = 7, 0.25
     elif n <= 2 * 10**7:
-        rounds, min_time = 5, 0.3
+        calls, min_time = 5, 0.2
     else:
-        rounds, min_time = 3, 0.0
+        calls, min_time = 3, 0.0
+    slow_calls, slow_time = 2, 0.5
     if quick:
-        rounds, min_time = min(rounds, 3), min(min_time, 0.1)
+        calls, min_time, slow_time = min(calls, 3), min(min_time, 0.1), 0.25
     if repeat is not None:
-        rounds = repeat
-    prefix = WARMUP_PREFIX if n >= PREFIX_WARMUP_FROM else None
-    return Policy(rounds, min_time, prefix)
+        calls = slow_calls = repeat
+    # Arrays above glibc's largest mmap threshold (32 MiB) get fresh pages on every call,
+    # cache and allocator hold no state across calls: a warm-up on a prefix is enough.
+    prefix = WARMUP_PREFIX if n * np.dtype(dtype).itemsize > 32 << 20 else None
+    return Policy(calls, min_time, slow_calls, slow_time, prefix)
 
 
 @dataclass
@@ -300,21 +317,58 @@ def warm_up(providers: list[Provider], x, t, policy: Policy) -> dict[str, bool]:
     return ok
 
 
+def accuracy(case: Case, providers: list[Provider], x, t) -> dict[str, float]:
+    """Error of one call of each provider against ``fastloss.reference`` in float64.
+
+    forward: |loss - exact| / |exact|;  with-grad: max |grad - exact| / max |exact|
+    (the loss of with-grad is the forward's).  The first fastloss provider stands for
+    all: results are bitwise identical for every thread count by design.
+    """
+    spec = REGISTRY[case.loss]
+    exact = float(spec.reference(x, t)) if case.mode == "forward" else spec.reference_grad(x, t)
+    out = {}
+    for p in providers:
+        if p.name in out:
+            continue
+        if p.setup is not None:
+            p.setup()
+        loss, grad = _loss_grad(p.make(x, t)())
+        if case.mode == "forward":
+            out[p.name] = abs(loss - exact) / abs(exact)
+        else:
+            err = np.subtract(grad, exact, dtype=np.float64)
+            out[p.name] = float(np.max(np.abs(err))) / float(np.max(np.abs(exact)))
+            del err
+    return out
+
+
+def accuracy_size(sizes) -> int | None:
+    """The size at which the error is measured: the largest up to 1e6, else the smallest
+    up to 1e7, else none (the float64 reference and one call of each provider cost
+    ~0.5 s at 1e6 and ~5 s at 1e7 over all regression losses)."""
+    small = [n for n in sizes if n <= 10**6]
+    if small:
+        return max(small)
+    return min((n for n in sizes if n <= 10**7), default=None)
+
+
 def run_rounds(providers: list[Provider], x, t, policy: Policy) -> int:
     """Interleaved timed rounds; samples are appended to each provider.  Returns the rounds."""
     fns = [p.make(x, t) for p in providers]
+    active = list(range(len(providers)))
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     rounds = 0
     start = time.perf_counter()
     try:
-        while rounds < policy.max_rounds:
-            for p, fn in zip(providers, fns):
-                p.samples.append(time_call(fn, p.setup))
+        while active and rounds < policy.max_rounds:
+            for i in active:
+                providers[i].samples.append(time_call(fns[i], providers[i].setup))
             rounds += 1
-            if rounds >= policy.min_rounds and time.perf_counter() - start >= policy.min_time:
-                break
+            elapsed = time.perf_counter() - start
+            active = [i for i in active
+                      if not policy.done(providers[i].samples, elapsed, providers[i].name != "fastloss")]
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -366,6 +420,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(threads, isas) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
@@ -374,6 +435,7 @@ def environment(threads, isas) -> dict:
         "threads": list(threads),
         "isa_timed": list(isas),
         "torch": torch_version(),
+        "load_average": _loadavg(),
         "platform": platform.platform(),
         "argv": sys.argv,
     }
@@ -441,6 +503,7 @@ def run(opts: Options, out=None) -> dict:
         groups.setdefault(c.group, []).append(c)
 
     records, bw = [], {th: [] for th in opts.threads}
+    acc_n = accuracy_size(opts.sizes)
     progress = _Progress(len(groups))
     try:
         for th, s in measure_read_bandwidth(opts.threads).items():
@@ -453,14 +516,15 @@ def run(opts: Options, out=None) -> dict:
                 gc.collect()
                 x, t = make_inputs(loss, n, dtype)
                 inputs_key = key
-            policy = policy_for(n, opts.quick, opts.repeat)
+            policy = policy_for(n, dtype, opts.quick, opts.repeat)
             provs = group_providers(gcases, with_numpy=True, with_torch=use_torch)
             title = f"{format_size(n)} {loss} {mode}"
             progress.start(title)
             ok = warm_up(provs, x, t, policy)
-            rounds = run_rounds(provs, x, t, policy)
-            progress.finish(f"{title}: " + _progress_summary(provs) + f"  ({rounds} rounds)")
-            records += _records(gcases, provs, ok)
+            run_rounds(provs, x, t, policy)
+            acc = accuracy(gcases[0], provs, x, t) if n == acc_n else None
+            progress.finish(f"{title}: " + _progress_summary(provs))
+            records += _records(gcases, provs, ok, acc)
         x = t = None
         gc.collect()
         for th, s in measure_read_bandwidth(opts.threads).items():
@@ -472,7 +536,8 @@ def run(opts: Options, out=None) -> dict:
             import torch
             torch.set_num_threads(torch_threads)
 
-    read_gbps = {th: READ_BW_BYTES / float(np.median(s)) / 1e9 for th, s in bw.items()}
+    # The yardstick is the best read (as STREAM reports): contention only ever slows a read.
+    read_gbps = {th: READ_BW_BYTES / min(s) / 1e9 for th, s in bw.items()}
     for r in records:
         r["read_bw_gbps"] = read_gbps[r["threads"]]
         r["pct_read_bw"] = 100.0 * r["gbps"] / read_gbps[r["threads"]]
@@ -486,6 +551,7 @@ def run(opts: Options, out=None) -> dict:
                                      **stats(bw[th])} for th in opts.threads},
         "cases": records,
         "wall_time_s": time.perf_counter() - wall0,
+        "load_average_end": _loadavg(),
     }
     print(format_table(report), file=out)
     mismatches = [r for r in records if r["agrees_with_numpy"] is False or r.get("torch_agrees") is False]
@@ -502,11 +568,11 @@ def run(opts: Options, out=None) -> dict:
 def _progress_summary(provs: list[Provider]) -> str:
     parts = []
     for p in provs:
-        parts.append(f"{p.key} {format_ms(float(np.median(p.samples)))} ms")
+        parts.append(f"{p.key} {format_ms(float(np.median(p.samples)))} ms ({len(p.samples)})")
     return ", ".join(parts)
 
 
-def _records(gcases: list[Case], provs: list[Provider], ok: dict) -> list[dict]:
+def _records(gcases: list[Case], provs: list[Provider], ok: dict, acc: dict | None) -> list[dict]:
     numpy_p = next(p for p in provs if p.name == "numpy")
     np_stats = stats(numpy_p.samples)
     recs = []
@@ -524,6 +590,7 @@ def _records(gcases: list[Case], provs: list[Provider], ok: dict) -> list[dict]:
             "speedup_torch": ts["median_s"] / med if ts else None,
             "agrees_with_numpy": ok.get(fl.key),
             "torch_agrees": ok.get(tp.key) if tp else None,
+            "error_vs_float64": acc,
         })
     return recs
 
@@ -579,7 +646,32 @@ def format_header(env: dict, use_torch: bool, opts: Options) -> str:
         f"cases      {DEFAULT_DTYPE}, sizes {', '.join(format_size(n) for n in opts.sizes)}"
         + (", --quick" if opts.quick else ""),
     ]
+    if env["load_average"]:
+        lines.append(f"load       {env['load_average'][0]:.2f} (1-minute load average at start; "
+                     f"{env['cores']} cores)")
     return "\n".join(lines)
+
+
+def _format_accuracy(recs: list[dict], has_torch: bool) -> list[str]:
+    names = ("fastloss", "numpy", "torch") if has_torch else ("fastloss", "numpy")
+    rows, seen, n = [], set(), None
+    for r in recs:
+        acc = r.get("error_vs_float64")
+        if not acc or (r["loss"], r["mode"]) in seen:
+            continue
+        seen.add((r["loss"], r["mode"]))
+        n = r["n"]
+        rows.append([r["loss"], r["mode"].replace("_", "-")] + [f"{acc[k]:.1e}" if k in acc else "-" for k in names])
+    if not rows:
+        return []
+    head = ["loss", "mode", "fastloss", "NumPy"] + (["torch"] if has_torch else [])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return ["", f"error at n={format_size(n)} against fastloss.reference in float64 (one call each; forward: relative",
+            "error of the loss; with-grad: max |gradient error| / max |gradient|; float32 results round at ~6e-8):",
+            fmt(head)] + [fmt(row) for row in rows]
 
 
 def format_table(report: dict) -> str:
@@ -620,32 +712,38 @@ def format_table(report: dict) -> str:
     def fmt(cells):
         return "  ".join(c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(cells, widths, head)).rstrip()
 
+    acc_lines = _format_accuracy(recs, has_torch)
     rb = report["read_bandwidth"]
     bw = ", ".join(f"{th} thread{'s' if th != '1' else ''} {v['gbps']:.1f} GB/s" for th, v in rb.items())
     counts = {}
     for r in recs:
-        counts.setdefault(format_size(r["n"]), set()).add(r["fastloss"]["count"])
+        c = counts.setdefault(format_size(r["n"]), set())
+        c.update(p["count"] for p in (r["fastloss"], r["numpy"], r["torch"]) if p)
     counts = {k: (f"{min(v)}" if len(v) == 1 else f"{min(v)}-{max(v)}") for k, v in counts.items()}
     lines = ["", "times: median milliseconds; ratios > 1x: fastloss is faster", fmt(head)]
     lines += ["" if row is None else fmt(row) for row in rows]
     lines += [
         "",
-        f"read bandwidth: {bw}  (fastloss._core.read_sum_f32 on a 1 GiB float32 array, median of "
-        f"{2 * READ_BW_ROUNDS} reads before and after the cases)",
+        f"read bandwidth: {bw}",
+        f"  (fastloss._core.read_sum_f32 on a 1 GiB float32 array; best of {2 * READ_BW_ROUNDS} reads, "
+        "half before and half after the cases)",
         "GB/s = bytes of input + target read, plus gradient bytes written for with-grad, / fastloss median: the",
         "  minimum traffic, so an implementation that makes two passes (rmse with-grad) shows a lower GB/s;",
-        "  %read = that rate / the read bandwidth at the same thread count (writes are slower than reads here).",
+        "  %read = that rate / the read bandwidth at the same thread count; writes are slower than reads, and",
+        "  small sizes run from cache between calls (and can pass 100%).",
         "NumPy = fastloss.reference.<loss>(x, t, dtype=None), computed in float32 (with-grad: + <loss>_grad);",
         "  single-threaded: timed once per loss/size/mode and shown on each thread row.",
     ]
     if has_torch:
-        lines.append("torch = torch.nn.functional.<loss> (rmse: sqrt(mse_loss)) with torch.set_num_threads(thr);"
-                     " with-grad: forward + autograd.grad.")
+        lines.append("torch = torch.nn.functional.<loss> (rmse: sqrt(mse_loss)), torch.set_num_threads(thr);")
+        lines.append("  with-grad: forward + torch.autograd.grad with respect to the input.")
     if multi_isa:
         lines.append(f"vs {first_isa} = fastloss time with {first_isa} / time with this ISA (same run).")
-    lines.append("calls timed per provider (after warm-up, providers interleaved): "
+    lines.append("calls timed per provider after a warm-up, providers interleaved: "
                  + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "; quartiles in --json.")
+    lines += acc_lines
     if any(r["agrees_with_numpy"] is False or r["torch_agrees"] is False for r in recs):
         lines.append("! = fastloss or torch disagrees with NumPy in the warm-up call (see stderr).")
-    lines.append(f"wall time {report['wall_time_s']:.0f} s")
+    end = report.get("load_average_end")
+    lines.append(f"wall time {report['wall_time_s']:.0f} s" + (f"; load average at end {end[0]:.2f}" if end else ""))
     return "\n".join(lines)

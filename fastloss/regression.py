@@ -26,7 +26,7 @@ import numpy as np
 from fastloss import _core
 from fastloss._config import resolve_num_threads
 from fastloss._validation import (as_float_array, broadcast_operand, check_grad_out, check_positive,
-                                  check_reduction, normalize_axis, result_float_dtype)
+                                  check_reduction, is_python_scalar, normalize_axis, result_float_dtype)
 
 __all__ = [
     "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "rmse", "mse", "mae",
@@ -38,7 +38,7 @@ __all__ = [
 class _Prepared:
     """Arguments of one call, checked, broadcast and transposed (reduced axes last)."""
 
-    __slots__ = ("x", "t", "w", "shape", "grad_dtype", "loss_dtype", "perm", "nred", "out_shape",
+    __slots__ = ("x", "t", "w", "arrays", "shape", "grad_dtype", "loss_dtype", "perm", "nred", "out_shape",
                  "n_out", "scalar", "reduction", "nthreads")
 
 
@@ -47,11 +47,15 @@ def _prepare(input, target, weight, reduction, axis, num_threads) -> _Prepared:
     x = as_float_array(input, "input")
     t = as_float_array(target, "target")
     w = None if weight is None else as_float_array(weight, "weight")
+    p.arrays = {"input": x, "target": t, "weight": w}
     p.reduction = check_reduction(reduction)
     p.grad_dtype = x.dtype
-    dt = result_float_dtype(x.dtype, t.dtype, *(() if w is None else (w.dtype,)))
-    x, t = x.astype(dt, copy=False), t.astype(dt, copy=False)
-    w = None if w is None else w.astype(dt, copy=False)
+    # NumPy 2 promotion: Python scalars are weak (they take the arrays' dtype)
+    strong = [a.dtype for a, v in ((t, target), (w, weight)) if a is not None and not is_python_scalar(v)]
+    dt = result_float_dtype(x.dtype, *strong)
+    with np.errstate(over="ignore"):
+        x, t = x.astype(dt, copy=False), t.astype(dt, copy=False)
+        w = None if w is None else w.astype(dt, copy=False)
     p.shape = x.shape
     t = broadcast_operand(t, p.shape, "target")
     w = None if w is None else broadcast_operand(w, p.shape, "weight")
@@ -86,16 +90,17 @@ def _divide(num, den):
 
 def _finish(p: _Prepared, values: np.ndarray):
     """Per-output float64 values -> NumPy scalar or array of the loss dtype."""
-    if p.scalar:
-        return p.loss_dtype.type(values[0])
-    return values.astype(p.loss_dtype).reshape(p.out_shape)
+    with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, as in torch
+        if p.scalar:
+            return p.loss_dtype.type(values[0])
+        return values.astype(p.loss_dtype).reshape(p.out_shape)
 
 
-def _new_grad(p: _Prepared, grad_out, inputs):
+def _new_grad(p: _Prepared, grad_out):
     """The gradient buffer for the kernel (in the compute dtype, transposed like the inputs)
     and the array returned to the caller."""
     if grad_out is not None:
-        result = check_grad_out(grad_out, p.shape, p.grad_dtype, inputs)
+        result = check_grad_out(grad_out, p.shape, p.grad_dtype, p.arrays)
     else:
         result = np.empty(p.shape, dtype=p.grad_dtype)
     work = result if result.dtype == p.x.dtype else np.empty(p.shape, dtype=p.x.dtype)
@@ -121,7 +126,7 @@ def _pointwise(op, param, input, target, weight, reduction, axis, num_threads):
 
 def _pointwise_with_grad(op, param, input, target, weight, reduction, axis, num_threads, grad_out):
     p = _prepare(input, target, weight, reduction, axis, num_threads)
-    work, result = _new_grad(p, grad_out, {"input": input, "target": target, "weight": weight})
+    work, result = _new_grad(p, grad_out)
     g = work.transpose(p.perm)
     if p.reduction == "none":
         e = np.empty(p.shape, dtype=p.loss_dtype)
@@ -242,7 +247,7 @@ def rmse(input, target, *, weight=None, axis=None, num_threads=None):
 
 def rmse_with_grad(input, target, *, weight=None, axis=None, num_threads=None, grad_out=None):
     p = _prepare(input, target, weight, "mean", axis, num_threads)
-    work, result = _new_grad(p, grad_out, {"input": input, "target": target, "weight": weight})
+    work, result = _new_grad(p, grad_out)
     swl, sw = _sums(p, "mse", 0.0)
     r = np.sqrt(_divide(swl, sw))
     # d sqrt(M)/dx = M'/(2 sqrt(M)); at M == 0 (a minimum) the subgradient 0 is returned.
@@ -260,24 +265,28 @@ _document(mse_loss, "Mean squared error, ``torch.nn.functional.mse_loss``.",
           "    np.float64(3.3333333333333335)")
 _document(l1_loss, "Mean absolute error (L1), ``torch.nn.functional.l1_loss``.",
           "loss_i = w_i * |input_i - target_i|;  gradient w_i * sign(input_i - target_i) (0 at 0)", "",
+          "    >>> import numpy as np, fastloss\n"
           "    >>> fastloss.l1_loss(np.array([1.0, 2.0, 4.0]), np.array([1.0, 1.0, 1.0]), reduction='sum')\n"
           "    np.float64(4.0)")
 _document(huber_loss, "Huber loss, ``torch.nn.functional.huber_loss``.",
           "z = |input - target|:  loss = 0.5 z**2 if z < delta else delta (z - 0.5 delta);"
           "  gradient clip(input - target, -delta, delta)",
           "    delta : float > 0\n        Where the loss changes from quadratic to linear (ValueError if <= 0).\n",
+          "    >>> import numpy as np, fastloss\n"
           "    >>> fastloss.huber_loss(np.array([0.5, 3.0]), np.zeros(2), delta=1.0)\n"
           "    np.float64(1.3125)")
 _document(smooth_l1_loss, "Smooth L1 loss, ``torch.nn.functional.smooth_l1_loss``.",
           "z = |input - target|:  loss = 0.5 z**2 / beta if z < beta else z - 0.5 beta  (beta = 0: L1);"
           "  gradient (input - target)/beta if z < beta else sign(input - target)",
           "    beta : float >= 0\n        Where the loss changes from quadratic to linear (ValueError if < 0).\n",
+          "    >>> import numpy as np, fastloss\n"
           "    >>> fastloss.smooth_l1_loss(np.array([0.5, 3.0]), np.zeros(2), beta=1.0)\n"
           "    np.float64(1.3125)")
 _document(rmse, "Root mean squared error: ``sqrt(mse_loss(..., reduction='mean'))``.",
           "loss = sqrt(sum_i w_i (input_i - target_i)**2 / sum_i w_i);"
           "  gradient w_i (input_i - target_i) / (loss * sum_i w_i), 0 where loss == 0",
           "    (no ``reduction``: RMSE is always a mean; use ``axis`` for per-column values)\n",
+          "    >>> import numpy as np, fastloss\n"
           "    >>> fastloss.rmse(np.array([[1.0, 2.0], [3.0, 6.0]]), np.zeros((2, 2)), axis=0)\n"
           "    array([2.23606798, 4.47213595])", reduction=False)
 for _f, _base in ((mse_loss_with_grad, mse_loss), (l1_loss_with_grad, l1_loss),

@@ -448,24 +448,33 @@ static int pw_run(const fl_pointwise_job *J, int nthreads)
     return FL_OK;
 }
 
-/* ---- 8. plain read (bandwidth probe) --------------------------------------- */
+/* ---- 8. plain read (bandwidth probe) ---------------------------------------
+ * A fixed number of parts (independent of the thread count), each summing its
+ * blocks in order; the parts' sums are then added in order: deterministic. */
+#define READ_PARTS 64
 
 static double read_sum_f32(const float *x, int64_t n, int nthreads)
 {
-    double total = 0.0;
-    int64_t nblk = (n + FL_BLOCK - 1) / FL_BLOCK;
+    double part[READ_PARTS];
+    const int64_t nblk = (n + FL_BLOCK - 1) / FL_BLOCK;
     int nt = nthreads < 1 ? 1 : nthreads;
     (void)nt;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : total) if (nt > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n >= PW_MIN_PER_THREAD)
 #endif
-    for (int64_t b = 0; b < nblk; b++) {
-        int64_t i0 = b * FL_BLOCK, i1 = i0 + FL_BLOCK < n ? i0 + FL_BLOCK : n;
-        float s = 0.0f;
+    for (int k = 0; k < READ_PARTS; k++) {
+        double acc = 0.0;
+        for (int64_t b = nblk * k / READ_PARTS; b < nblk * (k + 1) / READ_PARTS; b++) {
+            int64_t i0 = b * FL_BLOCK, i1 = i0 + FL_BLOCK < n ? i0 + FL_BLOCK : n;
+            float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t i = i0; i < i1; i++) s += x[i];
-        total += s;
+            for (int64_t i = i0; i < i1; i++) s += x[i];
+            acc += s;
+        }
+        part[k] = acc;
     }
+    double total = 0.0;
+    for (int k = 0; k < READ_PARTS; k++) total += part[k];
     return total;
 }
 

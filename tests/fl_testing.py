@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 
 import fastloss
+from fastloss import _core
 from fastloss._registry import REGISTRY, TOLERANCES
 
+#: ISAs this machine can run; every kernel test is parametrized over them.
+SUPPORTED_ISAS = tuple(_core.isa_supported())
 DTYPE_NAMES = ("float16", "float32", "float64", "bfloat16")
 
 #: Sums are accumulated in double for every input dtype: a quantity derived from a sum
@@ -105,7 +108,7 @@ def _mismatch_report(what, got, expected, bad, header, max_items=10) -> str:
              "(index, got, expected):"]
     for i in idx[:max_items]:
         key = tuple(int(k) for k in i)
-        lines.append(f"  {key}: got {got[key]!r}, expected {expected[key]!r}")
+        lines.append(f"  {key}: got {float(got[key])!r}, expected {float(expected[key])!r}")
     return "\n".join(lines)
 
 
@@ -169,15 +172,16 @@ def fastloss_import_root() -> str:
     return str(Path(fastloss.__file__).resolve().parent.parent)
 
 
-def run_python(args, cwd, env_extra=None, drop=("FASTLOSS_ISA", "OMP_NUM_THREADS"), timeout=120):
+def run_python(args, cwd, env_extra=None, drop=("FASTLOSS_ISA", "OMP_NUM_THREADS"), timeout=120, prefix=()):
     """Run `python <args>` in a fresh interpreter that imports the same fastloss build.
 
     cwd should be a scratch directory, so that a source checkout in the current
-    directory cannot shadow an installed build.
+    directory cannot shadow an installed build.  `prefix` is prepended to the command
+    line (e.g. an emulator: ("qemu-x86_64", "-cpu", "Haswell")).
     """
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = os.pathsep.join([fastloss_import_root()] + (
         [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([*prefix, sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
