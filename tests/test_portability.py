@@ -7,13 +7,11 @@ AVX-512 (Haswell) and without any AVX (Nehalem): it must select the right
 kernels and compute the same losses.  QEMU (Debian's qemu-user) is installed
 by .ci/run; on a machine without it this module cannot run.
 """
-import os
 import platform
 import shutil
-import subprocess
-import sys
 
 import pytest
+from fl_testing import run_python
 
 QEMU = shutil.which("qemu-x86_64")
 
@@ -41,11 +39,8 @@ print("ok")
 
 
 @pytest.mark.parametrize("cpu, expected_isa", [("Nehalem", "baseline"), ("Haswell", "avx2")])
-def test_runs_on_older_cpus(cpu, expected_isa):
-    env = dict(os.environ)
-    env.pop("FASTLOSS_ISA", None)
-    proc = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", SCRIPT], capture_output=True,
-                          text=True, timeout=600, env=env)
+def test_runs_on_older_cpus(cpu, expected_isa, tmp_path):
+    proc = run_python(["-c", SCRIPT], cwd=tmp_path, timeout=600, prefix=(QEMU, "-cpu", cpu))
     assert proc.returncode == 0, f"{cpu}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     lines = proc.stdout.split()
     assert lines[0] == expected_isa, proc.stdout
