@@ -11,6 +11,16 @@ np.float32(1.0)
 """
 __version__ = "0.1.0"
 
+try:
+    from fastloss import _core  # noqa: F401  (the compiled extension)
+except ImportError as _exc:
+    # Imported from a source checkout that has no compiled extension (e.g. `python -m fastloss`
+    # run in the repository after `pip install .`): use the installed build's modules.
+    from fastloss._source_tree import installed_package_dir
+
+    __path__[:] = [installed_package_dir(__path__[0], _exc)]
+    from fastloss import _core  # noqa: F401
+
 from fastloss._config import _select_isa_from_env
 
 _select_isa_from_env()
