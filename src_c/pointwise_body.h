@@ -106,9 +106,13 @@ static inline double grad_one(double d, double p, double q) { (void)d; (void)p; 
  * in flight; the double-precision loop body is long enough that the out-of-order
  * window alone covers too few lines (measured: ~75% of the read bandwidth without,
  * ~90% with, AVX-512, 1 thread, 1e8 float32). */
+#ifndef PW_CHUNK
 #define PW_CHUNK 256
+#endif
 #define PW_LINE 64
+#ifndef PW_PF_BYTES
 #define PW_PF_BYTES 2048
+#endif
 
 typedef void (*pw_seg_fn)(int64_t n, const void *x, const void *t, const void *w, void *g,
                           void *e, double p, double q, double lscale, double gscale, double *acc);
