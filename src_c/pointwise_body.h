@@ -471,8 +471,12 @@ static double read_sum_f32(const float *x, int64_t n, int nthreads)
         for (int64_t b = nblk * k / READ_PARTS; b < nblk * (k + 1) / READ_PARTS; b++) {
             int64_t i0 = b * FL_BLOCK, i1 = i0 + FL_BLOCK < n ? i0 + FL_BLOCK : n;
             float s = 0.0f;
+            for (int64_t c = i0; c < i1; c += PW_CHUNK) {   /* same prefetching as the losses */
+                const int64_t c1 = i1 - c < PW_CHUNK ? i1 : c + PW_CHUNK;
+                for (int64_t k = c; k < c1; k += PW_LINE / (int64_t)sizeof(float)) FL_PREFETCH(x + k, PW_PF_BYTES);
 #pragma omp simd reduction(+ : s)
-            for (int64_t i = i0; i < i1; i++) s += x[i];
+                for (int64_t i = c; i < c1; i++) s += x[i];
+            }
             acc += s;
         }
         part[k] = acc;
