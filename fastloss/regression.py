@@ -229,14 +229,19 @@ def huber_loss_with_grad(input, target, *, delta=1.0, weight=None, reduction="me
 
 def smooth_l1_loss(input, target, *, beta=1.0, weight=None, reduction="mean", axis=None, num_threads=None):
     beta = check_positive(beta, "beta", allow_zero=True)
-    return _pointwise("smooth_l1", beta, input, target, weight, reduction, axis, num_threads)
+    return _pointwise(*_smooth_l1_op(beta), input, target, weight, reduction, axis, num_threads)
 
 
 def smooth_l1_loss_with_grad(input, target, *, beta=1.0, weight=None, reduction="mean", axis=None,
                              num_threads=None, grad_out=None):
     beta = check_positive(beta, "beta", allow_zero=True)
-    return _pointwise_with_grad("smooth_l1", beta, input, target, weight, reduction, axis, num_threads,
+    return _pointwise_with_grad(*_smooth_l1_op(beta), input, target, weight, reduction, axis, num_threads,
                                 grad_out)
+
+
+def _smooth_l1_op(beta):
+    """smooth L1 with beta == 0 is exactly L1 (torch dispatches it to l1_loss too)."""
+    return ("smooth_l1", beta) if beta > 0 else ("l1", 0.0)
 
 
 def rmse(input, target, *, weight=None, axis=None, num_threads=None):

@@ -28,7 +28,7 @@
  *   l1         l = |d|                               dl/dx = sign(d), 0 at 0, NaN at NaN
  *   huber(p)   l = 0.5 d^2 if |d| < p else p(|d| - p/2)       dl/dx = clamp(d, -p, p)
  *   smooth_l1  l = 0.5 d^2/p if |d| < p else |d| - p/2        dl/dx = d/p if |d| < p else sign(d)
- *              (q = 0.5/p is precomputed: a multiply instead of a divide, <= 1 ulp of double apart)
+ *              (= huber(p)/p, computed so: see loss_sl1)
  * GCC contracts a*b + c into FMA where the ISA has it (-ffp-contract=fast, its default), so
  * the ISAs may differ in the last bits of double; the float32 results are unaffected.
  *   one        l = 1 (used to sum weights alone)     dl/dx = 0
@@ -45,17 +45,35 @@
 
 /* ---- 1. the losses and their derivatives, in double ------------------------ */
 
-static inline double pw_sign(double d) { return d > 0.0 ? 1.0 : (d < 0.0 ? -1.0 : d); }
+/* clamp(v, -c, c) (c >= 0) as two min/max instructions; a NaN v stays NaN. */
+static inline double pw_clamp(double v, double c)
+{
+    double m = c < v ? c : v;
+    return m < -c ? -c : m;
+}
+
+/* The derivatives come premultiplied by the gradient scale s (mean divisor, weight):
+ * s * clamp(u, -1, 1) == clamp(s * u, -|s|, |s|) for either sign of s, and written so
+ * the compiler emits min/max (multiplying a select afterwards made GCC distribute the
+ * product into a network of blends: ~2x slower on AVX2). */
 
 static inline double loss_mse(double d, double p, double q) { (void)p; (void)q; return d * d; }
-static inline double grad_mse(double d, double p, double q) { (void)p; (void)q; return 2.0 * d; }
+static inline double grad_mse(double d, double p, double r, double s) { (void)p; (void)r; return 2.0 * d * s; }
 
+/* sign(d) * s: 0 at 0, NaN at NaN.  Scaling by 2^1200 (two exact steps) takes every
+ * nonzero double, subnormals included, beyond any |s| we can meet, so the clamp gives
+ * +-|s|.  (At d = +-inf with s == 0 the product is NaN; s == 0 only occurs when the
+ * loss itself is 0 or NaN.) */
 static inline double loss_l1(double d, double p, double q) { (void)p; (void)q; return fabs(d); }
-static inline double grad_l1(double d, double p, double q) { (void)p; (void)q; return pw_sign(d); }
+static inline double grad_l1(double d, double p, double r, double s)
+{
+    (void)p; (void)r;
+    return pw_clamp(d * 0x1p600 * 0x1p600 * s, fabs(s));
+}
 
 /* With m = min(|d|, p):  m (|d| - m/2)  is  |d|^2/2 when |d| < p  and  p (|d| - p/2)
  * otherwise (the halving is exact).  Four vector ops instead of a compare, two
- * products and a blend: this kept the AVX2 build memory-bound.  A NaN d gives NaN. */
+ * products and a blend.  A NaN d gives NaN. */
 static inline double loss_huber(double d, double p, double q)
 {
     (void)q;
@@ -63,25 +81,26 @@ static inline double loss_huber(double d, double p, double q)
     double m = z < p ? z : p;
     return m * (z - 0.5 * m);
 }
-static inline double grad_huber(double d, double p, double q)
+static inline double grad_huber(double d, double p, double r, double s)
 {
-    (void)q;
-    return d < -p ? -p : (d > p ? p : d);
+    (void)r;
+    return pw_clamp(d * s, p * fabs(s));
 }
 
-/* q = 0.5/p (inf when p == 0: that branch is then never taken) */
-static inline double loss_sl1(double d, double p, double q)
+/* p = beta > 0 (beta == 0 is sent to L1, as torch does).  The loss is huber(beta)/beta,
+ * computed as such (q = 1/beta): within 2 ulp of double of torch's two-branch formula,
+ * without its compare-and-blend.  The gradient is d/beta clamped to [-1, 1] with
+ * r = 1/beta rounded up, so that |d| >= beta gives exactly +-1 (torch's linear branch,
+ * including at |d| == beta). */
+static inline double loss_sl1(double d, double p, double q) { return loss_huber(d, p, q) * q; }
+static inline double grad_sl1(double d, double p, double r, double s)
 {
-    double z = fabs(d);
-    return z < p ? z * z * q : z - 0.5 * p;
-}
-static inline double grad_sl1(double d, double p, double q)
-{
-    return fabs(d) < p ? 2.0 * d * q : pw_sign(d);
+    (void)p;
+    return pw_clamp(d * r * s, fabs(s));
 }
 
 static inline double loss_one(double d, double p, double q) { (void)d; (void)p; (void)q; return 1.0; }
-static inline double grad_one(double d, double p, double q) { (void)d; (void)p; (void)q; return 0.0; }
+static inline double grad_one(double d, double p, double r, double s) { (void)d; (void)p; (void)r; (void)s; return 0.0; }
 
 /* ---- 2. storage types ------------------------------------------------------ */
 
@@ -114,40 +133,70 @@ static inline double grad_one(double d, double p, double q) { (void)d; (void)p; 
 #define PW_PF_BYTES 2048
 #endif
 
+/* Sums are kept in PW_LANES independent lanes (lane j takes elements j, j + PW_LANES, ...),
+ * which the compiler maps onto vector registers, and the lanes are added pairwise at the
+ * end of the segment.  The order of every addition is thus fixed by the source, not by
+ * the vector width: all ISAs accumulate in the same order. */
+#define PW_LANES 16
+
+static inline double pw_lanes_sum(const double *v)
+{
+    double a[PW_LANES / 2];
+    for (int j = 0; j < PW_LANES / 2; j++) a[j] = v[j] + v[j + PW_LANES / 2];
+    for (int h = PW_LANES / 4; h >= 1; h /= 2)
+        for (int j = 0; j < h; j++) a[j] = a[j] + a[j + h];
+    return a[0];
+}
+
 typedef void (*pw_seg_fn)(int64_t n, const void *x, const void *t, const void *w, void *g,
-                          void *e, double p, double q, double lscale, double gscale, double *acc);
+                          void *e, double p, double q, double r, double lscale, double gscale,
+                          double *acc);
+
+#define PW_ELEM(DT, OUT, OP, HASW, R, E, G, i, L)                                                 \
+    {                                                                                            \
+        double d = LD_##DT(x[i]) - LD_##DT(t[i]);                                                \
+        double wi = HASW ? LD_##DT(w[i]) : 1.0;                                                  \
+        double l = loss_##OP(d, p, q);                                                           \
+        if (R) { lane_wl[L] += wi * l; if (HASW) lane_w[L] += wi; }                              \
+        if (E) e[i] = (OUT)(HASW ? wi * l : lscale * l);                                         \
+        if (G) g[i] = ST_##DT(grad_##OP(d, p, r, HASW ? gscale * wi : gscale));                   \
+    }
 
 #define PW_SEG(DT, T, OUT, OP, HASW, WT, MODE, R, E, G)                                        \
     static void seg_##DT##_##OP##_##WT##_##MODE(int64_t n, const void *x_, const void *t_,     \
                                                  const void *w_, void *g_, void *e_, double p, \
-                                                 double q, double lscale, double gscale,       \
-                                                 double *acc)                                  \
+                                                 double q, double r, double lscale,            \
+                                                 double gscale, double *acc)                   \
     {                                                                                          \
         const T *x = (const T *)x_; /* not restrict: g may be x */                             \
         const T *FL_RESTRICT t = (const T *)t_;                                                \
         const T *FL_RESTRICT w = (const T *)w_;                                                \
         T *g = (T *)g_;                                                                        \
         OUT *FL_RESTRICT e = (OUT *)e_;                                                        \
-        double s_wl = 0.0, s_w = 0.0;                                                          \
-        (void)x; (void)t; (void)w; (void)g; (void)e; (void)lscale; (void)gscale; (void)s_w;    \
-        for (int64_t c = 0; c < n; c += PW_CHUNK) {                                            \
-            const int64_t c1 = n - c < PW_CHUNK ? n : c + PW_CHUNK;                            \
+        double lane_wl[PW_LANES], lane_w[PW_LANES];                                            \
+        (void)x; (void)t; (void)w; (void)g; (void)e; (void)lscale; (void)gscale; (void)lane_w; (void)r; \
+        for (int j = 0; j < PW_LANES; j++) lane_wl[j] = lane_w[j] = 0.0;                       \
+        const int64_t nv = n - n % PW_LANES;                                                   \
+        for (int64_t c = 0; c < nv; c += PW_CHUNK) {                                           \
+            const int64_t c1 = nv - c < PW_CHUNK ? nv : c + PW_CHUNK;                          \
             for (int64_t k = c; k < c1; k += PW_LINE / (int64_t)sizeof(T)) {                   \
                 FL_PREFETCH(x + k, PW_PF_BYTES);                                               \
                 FL_PREFETCH(t + k, PW_PF_BYTES);                                               \
                 if (HASW) FL_PREFETCH(w + k, PW_PF_BYTES);                                     \
             }                                                                                  \
-            _Pragma("omp simd reduction(+:s_wl, s_w)")                                         \
-            for (int64_t i = c; i < c1; i++) {                                                 \
-                double d = LD_##DT(x[i]) - LD_##DT(t[i]);                                      \
-                double wi = HASW ? LD_##DT(w[i]) : 1.0;                                        \
-                double l = loss_##OP(d, p, q);                                                 \
-                if (R) { s_wl += wi * l; if (HASW) s_w += wi; }                                \
-                if (E) e[i] = (OUT)(HASW ? wi * l : lscale * l);                               \
-                if (G) g[i] = ST_##DT(gscale * (HASW ? wi : 1.0) * grad_##OP(d, p, q));        \
+            for (int64_t i0 = c; i0 < c1; i0 += PW_LANES) {                                    \
+                _Pragma("omp simd")                                                            \
+                for (int j = 0; j < PW_LANES; j++)                                             \
+                    PW_ELEM(DT, OUT, OP, HASW, R, E, G, i0 + j, j)                             \
             }                                                                                  \
         }                                                                                      \
-        if (R) { acc[0] += HASW ? s_wl : lscale * s_wl; if (HASW) acc[1] += s_w; }             \
+        for (int64_t i = nv; i < n; i++)                                                       \
+            PW_ELEM(DT, OUT, OP, HASW, R, E, G, i, i - nv)                                     \
+        if (R) {                                                                               \
+            double s_wl = pw_lanes_sum(lane_wl), s_w = pw_lanes_sum(lane_w);                   \
+            acc[0] += HASW ? s_wl : lscale * s_wl;                                             \
+            if (HASW) acc[1] += s_w;                                                           \
+        }                                                                                      \
     }
 
 #define PW_SEG_MODES(DT, T, OUT, OP, HASW, WT)          \
@@ -198,20 +247,20 @@ static inline double pw_loss_any(int op, double d, double p, double q)
     }
 }
 
-static inline double pw_grad_any(int op, double d, double p, double q)
+static inline double pw_grad_any(int op, double d, double p, double r, double s)
 {
     switch (op) {
-    case FL_PW_MSE: return grad_mse(d, p, q);
-    case FL_PW_L1: return grad_l1(d, p, q);
-    case FL_PW_HUBER: return grad_huber(d, p, q);
-    case FL_PW_SMOOTH_L1: return grad_sl1(d, p, q);
-    default: return grad_one(d, p, q);
+    case FL_PW_MSE: return grad_mse(d, p, r, s);
+    case FL_PW_L1: return grad_l1(d, p, r, s);
+    case FL_PW_HUBER: return grad_huber(d, p, r, s);
+    case FL_PW_SMOOTH_L1: return grad_sl1(d, p, r, s);
+    default: return grad_one(d, p, r, s);
     }
 }
 
 #define PW_GENERIC(DT, T, OUT)                                                                   \
     static void gen_##DT(int op, int64_t n, const char *x, const char *t, const char *w, char *g, \
-                         OUT *e, const int64_t *s, double p, double q, double gscale,            \
+                         OUT *e, const int64_t *s, double p, double q, double r, double gscale,  \
                          double *acc)                                                            \
     {                                                                                            \
         double s_wl = 0.0, s_w = 0.0;                                                            \
@@ -223,7 +272,7 @@ static inline double pw_grad_any(int op, double d, double p, double q)
             s_wl += wi * l;                                                                      \
             s_w += wi;                                                                           \
             if (e) e[i] = (OUT)(wi * l);                                                         \
-            if (g) *(T *)(g + i * s[FL_OP_GRAD]) = ST_##DT(gscale * wi * pw_grad_any(op, d, p, q)); \
+            if (g) *(T *)(g + i * s[FL_OP_GRAD]) = ST_##DT(pw_grad_any(op, d, p, r, gscale * wi)); \
         }                                                                                        \
         acc[0] += s_wl;                                                                          \
         acc[1] += s_w;                                                                           \
@@ -244,7 +293,7 @@ typedef struct {
     int present[FL_NOPERANDS];
     int64_t n_out, n_red, nblk, items;
     size_t itemsize;
-    double p, q;
+    double p, q, r;                       /* parameter; 1/p (smooth L1 loss); 1/p rounded up (its grad) */
     int mode;                             /* PW_M_* */
     int fast;                             /* innermost strides allow the unit-stride loops */
     int wkind;                            /* 0 none, 1 vector, 2 constant along innermost dim */
@@ -257,6 +306,8 @@ static int pw_make_plan(const fl_pointwise_job *J, pw_plan *P)
     if (J->ndim < 0 || J->ndim > FL_MAX_NDIM || J->nred < 0 || J->nred > J->ndim) return FL_ERR_ARG;
     if ((int)J->dtype < 0 || J->dtype >= FL_NDTYPES) return FL_ERR_DTYPE;
     if ((int)J->op < 0 || J->op >= FL_NPW) return FL_ERR_ARG;
+    if (J->op == FL_PW_SMOOTH_L1 && !(J->param > 0.0)) return FL_ERR_ARG;  /* beta == 0 is L1 */
+    if (J->op == FL_PW_HUBER && !(J->param > 0.0)) return FL_ERR_ARG;
     int reduce = J->sum_wl != NULL;
     if (reduce != (J->sum_w != NULL)) return FL_ERR_ARG;
     if (J->loss_out && (reduce || J->nred != J->ndim)) return FL_ERR_ARG;
@@ -267,7 +318,8 @@ static int pw_make_plan(const fl_pointwise_job *J, pw_plan *P)
     P->job = J;
     P->itemsize = pw_itemsize(J->dtype);
     P->p = J->param;
-    P->q = 0.5 / J->param;             /* used by smooth L1 only */
+    P->q = 1.0 / J->param;
+    P->r = nextafter(1.0 / J->param, INFINITY);
     P->present[FL_OP_INPUT] = 1;
     P->present[FL_OP_TARGET] = 1;
     P->present[FL_OP_WEIGHT] = J->weight != NULL;
@@ -369,20 +421,20 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
                 case FL_F32: wv = LD_f32(*(const float *)ws); break;
                 default: wv = LD_f64(*(const double *)ws); break;
                 }
-                fn(seg, xs, ts, NULL, gp, ep, P->p, P->q, wv, gs * wv, acc);
+                fn(seg, xs, ts, NULL, gp, ep, P->p, P->q, P->r, wv, gs * wv, acc);
                 acc[1] += wv * (double)seg;
             } else {
-                fn(seg, xs, ts, ws, gp, ep, P->p, P->q, 1.0, gs, acc);
+                fn(seg, xs, ts, ws, gp, ep, P->p, P->q, P->r, 1.0, gs, acc);
                 if (P->wkind == 0) acc[1] += (double)seg;
             }
         } else {
             int64_t s[FL_NOPERANDS];
             for (int k = 0; k < FL_NOPERANDS; k++) s[k] = P->strides[k][last];
             switch (J->dtype) {
-            case FL_F16: gen_f16(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, gs, acc); break;
-            case FL_BF16: gen_bf16(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, gs, acc); break;
-            case FL_F32: gen_f32(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, gs, acc); break;
-            default: gen_f64(J->op, seg, xs, ts, ws, gp, (double *)ep, s, P->p, P->q, gs, acc); break;
+            case FL_F16: gen_f16(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, P->r, gs, acc); break;
+            case FL_BF16: gen_bf16(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, P->r, gs, acc); break;
+            case FL_F32: gen_f32(J->op, seg, xs, ts, ws, gp, (float *)ep, s, P->p, P->q, P->r, gs, acc); break;
+            default: gen_f64(J->op, seg, xs, ts, ws, gp, (double *)ep, s, P->p, P->q, P->r, gs, acc); break;
             }
         }
         remaining -= seg;
