@@ -102,7 +102,7 @@ extensions = [
         sources=["fastloss/_core.pyx"] + C_SOURCES,
         include_dirs=["src_c", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
-        depends=["src_c/fastloss.h", "src_c/fl_internal.h", "src_c/pointwise_body.h"],
+        depends=["src_c/fastloss.h", "src_c/fl_internal.h", "src_c/pointwise_body.h", "src_c/ce_body.h"],
     )
 ]
 

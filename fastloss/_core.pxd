@@ -10,6 +10,11 @@ cdef extern from "fastloss.h" nogil:
         FL_ERR_DTYPE
         FL_ERR_NDIM
         FL_ERR_ISA
+        FL_ERR_INDEX
+        FL_CE_OUT_NONE
+        FL_CE_OUT_GRAD
+        FL_CE_OUT_LOGSOFTMAX
+        FL_CE_OUT_SOFTMAX
         FL_NOPERANDS
         FL_OP_INPUT
         FL_OP_TARGET
@@ -47,6 +52,32 @@ cdef extern from "fastloss.h" nogil:
         double *sum_w
         double *scratch
 
+    ctypedef struct fl_ce_job:
+        fl_dtype dtype
+        int64_t V
+        int row_ndim
+        int64_t row_shape[64]
+        int64_t logits_strides[64]
+        int64_t out_strides[64]
+        const void *logits
+        void *out
+        int mode
+        const int64_t *target
+        const double *class_weight
+        double weight_sum
+        const double *sample_weight
+        int64_t ignore_index
+        double label_smoothing
+        double z_loss
+        double softcap
+        double grad_scale
+        double *row_loss
+        double *row_lse
+        double *scratch
+        int64_t *bad_row
+
+    int64_t fl_ce_scratch_len(int64_t n_rows, int64_t V)
+    int fl_cross_entropy(const fl_ce_job *job, int nthreads)
     int64_t fl_pointwise_scratch_len(const fl_pointwise_job *job)
     int fl_pointwise(const fl_pointwise_job *job, int nthreads)
     double fl_read_sum_f32(const float *x, int64_t n, int nthreads)

@@ -110,6 +110,92 @@ def pointwise(str op, double param, cnp.ndarray x, cnp.ndarray t, object w, obje
     _check(status, f"{op} kernel")
 
 
+CE_MODES = {"none": FL_CE_OUT_NONE, "grad": FL_CE_OUT_GRAD, "log_softmax": FL_CE_OUT_LOGSOFTMAX,
+            "softmax": FL_CE_OUT_SOFTMAX}
+
+
+def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, object class_weight,
+                       double weight_sum, object sample_weight, long long ignore_index,
+                       double label_smoothing, double z_loss, double softcap, double grad_scale,
+                       object row_loss, object row_lse, int nthreads):
+    """Run the row kernel (see fl_ce_job in src_c/fastloss.h).
+
+    logits: (rows..., V) with a unit-stride last axis.  out: same shape and dtype, or None.
+    target: int64 C-contiguous array of the row shape, or None.  class_weight (V,),
+    sample_weight (rows), row_loss (rows), row_lse (rows): float64 C-contiguous or None.
+    Returns None, or raises IndexError(row) for a target out of range.
+    """
+    cdef fl_ce_job job
+    cdef int d, status
+    cdef int64_t bad = -1
+    cdef cnp.ndarray o, tg, cw, sw, rl, rs, scratch
+    cdef int64_t n_rows
+    memset(&job, 0, sizeof(job))
+    if logits.ndim < 1 or logits.ndim - 1 > FL_MAX_NDIM:
+        raise ValueError("internal: bad logits rank")
+    job.dtype = <fl_dtype>_dtype_code(logits.dtype)
+    job.V = logits.shape[logits.ndim - 1]
+    if logits.strides[logits.ndim - 1] != logits.itemsize:
+        raise ValueError("internal: the class axis must have unit stride")
+    job.row_ndim = logits.ndim - 1
+    n_rows = 1
+    for d in range(job.row_ndim):
+        job.row_shape[d] = logits.shape[d]
+        job.logits_strides[d] = logits.strides[d]
+        n_rows *= logits.shape[d]
+    job.logits = cnp.PyArray_DATA(logits)
+    job.mode = CE_MODES[mode]
+    if out is not None:
+        o = out
+        if o.dtype != logits.dtype or o.ndim != logits.ndim or o.strides[o.ndim - 1] != o.itemsize \
+                or not o.flags.writeable:
+            raise ValueError("internal: bad output array")
+        for d in range(job.row_ndim):
+            if o.shape[d] != logits.shape[d]:
+                raise ValueError("internal: output shape differs")
+            job.out_strides[d] = o.strides[d]
+        job.out = cnp.PyArray_DATA(o)
+    if target is not None:
+        tg = target
+        if tg.dtype != np.int64 or not tg.flags.c_contiguous or tg.size != n_rows:
+            raise ValueError("internal: bad target array")
+        job.target = <const int64_t *>cnp.PyArray_DATA(tg)
+    if class_weight is not None:
+        cw = class_weight
+        if cw.dtype != np.float64 or not cw.flags.c_contiguous or cw.size != job.V:
+            raise ValueError("internal: bad class weights")
+        job.class_weight = <const double *>cnp.PyArray_DATA(cw)
+    job.weight_sum = weight_sum
+    if sample_weight is not None:
+        sw = sample_weight
+        if sw.dtype != np.float64 or not sw.flags.c_contiguous or sw.size != n_rows:
+            raise ValueError("internal: bad sample weights")
+        job.sample_weight = <const double *>cnp.PyArray_DATA(sw)
+    job.ignore_index = ignore_index
+    job.label_smoothing = label_smoothing
+    job.z_loss = z_loss
+    job.softcap = softcap
+    job.grad_scale = grad_scale
+    if row_loss is not None:
+        rl = row_loss
+        if rl.dtype != np.float64 or not rl.flags.c_contiguous or rl.size != n_rows:
+            raise ValueError("internal: bad row_loss")
+        job.row_loss = <double *>cnp.PyArray_DATA(rl)
+    if row_lse is not None:
+        rs = row_lse
+        if rs.dtype != np.float64 or not rs.flags.c_contiguous or rs.size != n_rows:
+            raise ValueError("internal: bad row_lse")
+        job.row_lse = <double *>cnp.PyArray_DATA(rs)
+    scratch = np.empty(fl_ce_scratch_len(n_rows, job.V), dtype=np.float64)
+    job.scratch = <double *>cnp.PyArray_DATA(scratch)
+    job.bad_row = &bad
+    with nogil:
+        status = fl_cross_entropy(&job, nthreads)
+    if status == FL_ERR_INDEX:
+        raise IndexError(bad)
+    _check(status, "cross-entropy kernel")
+
+
 def read_sum_f32(cnp.ndarray x, int nthreads):
     """Sum of a C-contiguous float32 array: the plain read kernel used to measure bandwidth."""
     cdef double s

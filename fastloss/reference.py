@@ -13,7 +13,8 @@ This module has two jobs:
 
 Clarity comes before speed here: nothing in this module is meant to be clever.
 
-Every loss is an elementwise loss ``l(x, t)`` followed by a reduction:
+Every regression loss is an elementwise loss ``l(x, t)`` followed by a
+reduction (the cross-entropy family is described further down):
 
 =================  ==========================================================
 ``mse_loss``       ``l = (x - t)**2``
@@ -67,9 +68,77 @@ Known differences from torch 2.13 (``torch.nn.functional``): torch's weighted
 accepts only a weight of exactly the input's shape and has no weight for
 ``smooth_l1_loss``; torch's l1 gradient (and smooth_l1 with ``beta == 0``) is 0
 rather than nan where ``x - t`` is nan.
+
+Cross-entropy family
+--------------------
+``logsumexp``, ``log_softmax``, ``softmax``, ``nll_loss``, ``cross_entropy``
+and ``perplexity`` work on rows: ``axis`` (an int, default -1; torch's layout
+``(N, C, d1, ...)`` is ``axis=1``) is the class axis of length ``V``, and the
+other axes are the rows.  ``target`` is either an integer array of the rows'
+shape (class indices; any integer dtype) or a float array of the logits' shape
+(class probabilities).  With ``x = softcap * tanh(logits / softcap)`` (or the
+logits), ``logp = log_softmax(x)``, ``lse = logsumexp(x)``, class weights
+``w`` and per-row ``sample_weight`` ``s`` (missing weights are 1), a row's
+loss is::
+
+    class index y:   s * ((1 - ls) * w[y] * -logp[y]
+                          + ls / V * sum_c w[c] * -logp[c]
+                          + z * w[y] * lse**2)
+    probabilities p: s * (sum_c w[c] * ((1 - ls) * p[c] + ls / V) * -logp[c]
+                          + z * lse**2)
+
+(``ls = label_smoothing``, ``z = z_loss``), 0 for a row whose target is
+``ignore_index``.  ``"mean"`` divides the sum of the rows by ``sum(s * w[y])``
+over the non-ignored rows (class indices) or by ``sum(s)`` (probabilities);
+nan when that is 0 (every row ignored, or no rows).  ``"none"`` returns the
+rows' losses.  Without ``s``, ``z`` and ``softcap`` this is exactly
+``torch.nn.functional.cross_entropy``, including the smoothing term and its
+denominator with ``weight``.  ``cross_entropy_grad`` is the gradient of
+``cross_entropy(...).sum()``: ``s * (sum(t) * q - t + 2 * z * w[y] * lse * q)``
+per row with ``q = softmax(x)`` and ``t`` the row's target distribution above
+(``t[c] = (1 - ls) * w[y] * [c == y] + ls / V * w[c]``, or
+``w[c] * ((1 - ls) * p[c] + ls / V)``), times
+``1 - tanh(logits / softcap)**2``.  ``perplexity`` is ``exp`` of the mean
+cross-entropy (no weights).
+
+Choices beyond torch:
+
+* ``z_loss`` (PaLM's auxiliary loss, Liger-Kernel's ``lse_square_scale``) is
+  weighted like the row's cross-entropy term, by ``s * w[y]`` (by ``s`` for
+  class probabilities), so ``"mean"`` is one weighted average of
+  ``CE + z * lse**2``.  Without weights this equals Liger-Kernel (``z`` times
+  the mean of ``lse**2`` over the non-ignored rows); with class weights
+  Liger-Kernel leaves the z-loss unweighted and divides it by the count of
+  non-ignored rows (its code marks weighting as a TODO).
+* ``sample_weight`` multiplies the whole row (numerator and denominator); it
+  may be anything that broadcasts to the rows' shape.
+* A row whose target is ``ignore_index`` contributes exactly 0 to the loss and
+  the gradient whatever its logits (torch's gradient there is nan when the row
+  holds nan or is all -inf).
+
+Errors: IndexError for a class index outside ``[0, V)`` that is not
+``ignore_index`` (naming the value and its flat row index); TypeError for a
+target whose dtype does not match its shape (float class indices, integer
+probabilities) and for a non-int ``axis`` or ``ignore_index``; ValueError for a
+target of neither shape, ``ignore_index >= 0`` with probabilities, a ``weight``
+not of shape ``(V,)``, a ``sample_weight`` that does not broadcast to the rows,
+``label_smoothing`` outside ``[0, 1]``, ``z_loss`` not finite and >= 0,
+``softcap`` not None or finite and > 0, ``V == 0``, and 0-d logits.  torch
+differs here: it accepts only int64/uint8 class indices, silently treats a
+negative (or nan) ``label_smoothing`` as 0, and returns a result for ``V == 0``
+when every row is ignored.
+
+Non-finite logits behave as in torch: a -inf logit has probability 0 (the
+loss is inf if it is the target, or with label smoothing; ``0 * inf = nan``
+where its class weight or target probability is 0); a row that is all -inf
+or holds +inf gives nan (``logsumexp`` alone gives -inf or +inf for such
+rows, as ``torch.logsumexp`` does).
 """
 
+import functools
 import math
+import operator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -89,6 +158,15 @@ __all__ = [
     "smooth_l1_loss_grad",
     "rmse",
     "rmse_grad",
+    "logsumexp",
+    "log_softmax",
+    "softmax",
+    "nll_loss",
+    "nll_loss_grad",
+    "cross_entropy",
+    "cross_entropy_grad",
+    "perplexity",
+    "perplexity_grad",
     "read_sum",
 ]
 
@@ -388,3 +466,405 @@ def rmse_grad(input, target, *, weight=None, axis=None, dtype=np.float64):
 def read_sum(x):
     """``np.sum(x)``: reads the data once (memory-bandwidth baseline)."""
     return np.sum(x)
+
+
+# ---------------------------------------------------------------------------
+# Cross-entropy family
+# ---------------------------------------------------------------------------
+#
+# The class axis ``axis`` is moved last (``np.moveaxis``, a view), so that
+# ``x[..., c]`` is class ``c`` of a row; gradients are moved back at the end.
+# Per-row quantities are kept as "columns" of shape ``rows + (1,)`` so that
+# they broadcast against ``(rows..., V)`` without further reshaping.
+
+
+def _quiet(func):
+    """Run ``func`` without NumPy floating-point warnings.
+
+    -inf logits, all -inf rows (``log(0)``, ``-inf - -inf``), ``0 * inf`` and
+    ``0 / 0`` means give inf or nan as in torch, silently.
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return func(*args, **kwargs)
+    return wrapper
+
+
+def _class_axis(x, axis, name):
+    """``(x with the class axis moved last, that axis as an int >= 0)``."""
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {axis!r}") from None
+    if x.ndim == 0:
+        raise ValueError(
+            f"{name} must have at least one dimension (the class axis)")
+    (ax,) = normalize_axis_tuple(axis, x.ndim)
+    return np.moveaxis(x, ax, -1), ax
+
+
+def _sum_last(a):
+    """Sum over the last (class) axis, kept with length 1 (accumulated as in
+    ``_reduce``)."""
+    total = np.sum(a, axis=-1, dtype=_accumulator(a.dtype), keepdims=True)
+    return _round_back(total, a.dtype)
+
+
+def _shifted_rows(x):
+    """``(x - m, log(sum(exp(x - m))), m)`` over the last axis (kept).
+
+    The straightforward way: ``m`` is the row maximum, so every ``exp`` is at
+    most 1 and the sum is at least 1.  As in torch's ``log_softmax``, a row
+    that is all -inf or holds +inf (or nan) gives nan throughout.
+    """
+    m = np.max(x, axis=-1, keepdims=True, initial=-np.inf)
+    shifted = np.asarray(x - m)
+    log_s = np.log(_sum_last(np.exp(shifted)))
+    return shifted, log_s, m
+
+
+def _check_option(name, value, ok, requirement):
+    if not ok:  # the comparisons in ``ok`` are False for nan
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+class _CEInputs(NamedTuple):
+    """Validated arguments of a cross-entropy-family call (class axis last)."""
+
+    x: np.ndarray            # (rows..., V) logits or log-probabilities
+    axis: int                # where the class axis was
+    probs: np.ndarray | None  # (rows..., V) soft targets, else None
+    y: np.ndarray | None     # (rows...) class indices (0 where ignored)
+    valid: np.ndarray | None  # (rows...) True where not ignore_index
+    weight: np.ndarray | None         # (V,)
+    sample_weight: np.ndarray | None  # (rows...)
+
+
+def _ce_inputs(logits, target, weight, sample_weight, ignore_index, axis,
+               dtype, name="logits", soft_ok=True):
+    """Convert and check the arguments; raise before any computation."""
+    x0 = _as_float_array(logits, dtype)
+    x, ax = _class_axis(x0, axis, name)
+    n_classes, rows = x.shape[-1], x.shape[:-1]
+    if n_classes == 0:
+        raise ValueError(
+            f"{name} of shape {x0.shape} has no classes (axis {ax} is empty)")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(
+            f"ignore_index must be an int, got {ignore_index!r}") from None
+
+    t = np.asarray(target)
+    probs = y = valid = None
+    if t.shape == x0.shape and soft_ok:        # class probabilities
+        if not np.issubdtype(t.dtype, np.floating):
+            raise TypeError(
+                f"target has the shape of {name} {x0.shape}, so it holds "
+                f"class probabilities and must be floating point, got "
+                f"{t.dtype}")
+        if ignore_index >= 0:
+            raise ValueError(
+                f"ignore_index={ignore_index} is not supported with "
+                f"class-probability targets (use a negative ignore_index)")
+        probs = np.moveaxis(_as_float_array(t, dtype), ax, -1)
+    elif t.shape == rows:                       # class indices
+        if not np.issubdtype(t.dtype, np.integer):
+            raise TypeError(
+                f"target of shape {t.shape} holds class indices and must have "
+                f"an integer dtype, got {t.dtype}")
+        valid = np.asarray(t != ignore_index)
+        bad = valid & ((t < 0) | (t >= n_classes))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            index = np.unravel_index(row, t.shape)
+            raise IndexError(
+                f"target {t.reshape(-1)[row]} at row {row} (target index "
+                f"{tuple(int(i) for i in index)}) is out of range for "
+                f"{n_classes} classes (and is not "
+                f"ignore_index={ignore_index})")
+        y = np.where(valid, t, 0).astype(np.intp)
+    else:
+        allowed = f"{rows} (class indices)"
+        if soft_ok:
+            allowed += f" or {x0.shape} (class probabilities)"
+        raise ValueError(
+            f"target of shape {t.shape} does not fit {name} of shape "
+            f"{x0.shape} with class axis {ax}: expected {allowed}")
+
+    w = None
+    if weight is not None:
+        w = _as_float_array(weight, dtype)
+        if w.shape != (n_classes,):
+            raise ValueError(
+                f"weight must have shape ({n_classes},) (one weight per "
+                f"class), got {w.shape}")
+    sw = None
+    if sample_weight is not None:
+        sw = _as_float_array(sample_weight, dtype)
+        try:
+            shape = np.broadcast_shapes(rows, sw.shape)
+        except ValueError:
+            shape = None
+        if shape != rows:
+            raise ValueError(
+                f"sample_weight of shape {sw.shape} cannot be broadcast to "
+                f"the shape of the rows {rows}")
+        sw = np.broadcast_to(sw, rows)
+    return _CEInputs(x, ax, probs, y, valid, w, sw)
+
+
+def _row_weights(a):
+    """Per-row weights as columns (rows..., 1), and the mean's denominator.
+
+    ``s``: the sample weight (1 without it), 0 where the target is ignored.
+    ``r``: the weight of the row's loss, ``s * weight[y]`` for class indices
+    and ``s`` for class probabilities.  The denominator is ``sum(r)``.
+    """
+    s = (np.ones(a.x.shape[:-1], a.x.dtype) if a.sample_weight is None
+         else a.sample_weight)
+    if a.valid is not None:
+        s = np.where(a.valid, s, 0)
+    r = s if a.weight is None or a.valid is None else s * a.weight[a.y]
+    acc = _accumulator(np.result_type(a.x.dtype, r.dtype))
+    return s[..., None], r[..., None], np.sum(r, dtype=acc)
+
+
+def _ce_check_options(reduction, label_smoothing, z_loss, softcap):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_option("label_smoothing", label_smoothing,
+                  0 <= label_smoothing <= 1, "in [0, 1]")
+    _check_option("z_loss", z_loss, 0 <= z_loss < math.inf,
+                  "finite and >= 0")
+    if softcap is not None:
+        _check_option("softcap", softcap, 0 < softcap < math.inf,
+                      "None or finite and > 0")
+
+
+def _capped(x, softcap):
+    """``(softcap * tanh(x / softcap), tanh(x / softcap))``; ``(x, None)``
+    without a softcap."""
+    if softcap is None:
+        return x, None
+    th = np.tanh(x / softcap)
+    return softcap * th, th
+
+
+def _smoothed_target(a, label_smoothing):
+    """Soft targets: ``weight * ((1 - ls) * p + ls / V)`` (rows..., V)."""
+    p = a.probs
+    if label_smoothing > 0:
+        p = (1 - label_smoothing) * p + label_smoothing / a.x.shape[-1]
+    return p if a.weight is None else p * a.weight
+
+
+@_quiet
+def logsumexp(x, axis=-1, *, dtype=np.float64):
+    """``log(sum(exp(x)))`` over ``axis`` (which is removed).
+
+    Computed as ``m + log(sum(exp(x - m)))`` with ``m`` the row maximum, or 0
+    if that is infinite (as torch.logsumexp does): a row of -inf gives -inf,
+    a row holding +inf gives +inf, an empty axis gives -inf.
+    """
+    x, _ = _class_axis(_as_float_array(x, dtype), axis, "x")
+    m = np.max(x, axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isinf(m), 0, m)
+    return (m + np.log(_sum_last(np.exp(np.asarray(x - m)))))[..., 0]
+
+
+@_quiet
+def log_softmax(x, axis=-1, *, dtype=np.float64):
+    """``(x - m) - log(sum(exp(x - m)))`` over ``axis``, ``m`` the row maximum
+    (nan for a row of all -inf or holding +inf, as in torch)."""
+    x, ax = _class_axis(_as_float_array(x, dtype), axis, "x")
+    shifted, log_s, _ = _shifted_rows(x)
+    return np.moveaxis(np.subtract(shifted, log_s, out=shifted), -1, ax)
+
+
+@_quiet
+def softmax(x, axis=-1, *, dtype=np.float64):
+    """``exp(x - m) / sum(exp(x - m))`` over ``axis``, ``m`` the row maximum
+    (nan for a row of all -inf or holding +inf, as in torch)."""
+    x, ax = _class_axis(_as_float_array(x, dtype), axis, "x")
+    m = np.max(x, axis=-1, keepdims=True, initial=-np.inf)
+    e = np.exp(np.asarray(x - m))
+    e = np.divide(e, _sum_last(e), out=e)
+    return np.moveaxis(e, -1, ax)
+
+
+def _reduce_rows(loss, denominator, reduction):
+    """Reduce per-row losses (rows..., 1) that are already weighted."""
+    loss = loss[..., 0]
+    if reduction == "none":
+        return loss
+    total = np.sum(loss, dtype=_accumulator(loss.dtype))
+    if reduction == "mean":
+        total = total / denominator      # 0 / 0 is nan (no row counted)
+    return _round_back(total, loss.dtype)
+
+
+def _grad_scale(r, denominator, reduction):
+    """The factor ``d loss / d (row loss)`` of each row, times its weight."""
+    return r / denominator if reduction == "mean" else r
+
+
+@_quiet
+def nll_loss(log_probs, target, *, weight=None, ignore_index=-100,
+             reduction="mean", axis=-1, dtype=np.float64):
+    """Negative log-likelihood: ``-weight[y] * log_probs[..., y]`` per row.
+
+    Rows whose target is ``ignore_index`` give 0 (whatever their values);
+    ``"mean"`` divides by ``sum(weight[y])`` over the other rows.
+    """
+    _ce_check_options(reduction, 0.0, 0.0, None)
+    a = _ce_inputs(log_probs, target, weight, None, ignore_index, axis, dtype,
+                   name="log_probs", soft_ok=False)
+    _, r, denominator = _row_weights(a)
+    lp_y = np.take_along_axis(a.x, a.y[..., None], axis=-1)
+    loss = np.where(a.valid[..., None], -r * lp_y, 0)
+    return _reduce_rows(loss, denominator, reduction)
+
+
+@_quiet
+def nll_loss_grad(log_probs, target, *, weight=None, ignore_index=-100,
+                  reduction="mean", axis=-1, dtype=np.float64):
+    """Gradient of ``nll_loss(...).sum()``: ``-weight[y]`` at ``y``, else 0
+    (divided by ``sum(weight[y])`` for ``"mean"``)."""
+    _ce_check_options(reduction, 0.0, 0.0, None)
+    a = _ce_inputs(log_probs, target, weight, None, ignore_index, axis, dtype,
+                   name="log_probs", soft_ok=False)
+    _, r, denominator = _row_weights(a)
+    r = _grad_scale(r, denominator, reduction)
+    g = np.zeros(a.x.shape, np.result_type(a.x, r))
+    np.put_along_axis(g, a.y[..., None], -r, axis=-1)
+    return np.moveaxis(_round_back(g, a.x.dtype), -1, a.axis)
+
+
+@_quiet
+def cross_entropy(logits, target, *, weight=None, sample_weight=None,
+                  ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  z_loss=0.0, softcap=None, axis=-1, dtype=np.float64):
+    """Cross-entropy of ``softmax(logits)`` against ``target`` per row.
+
+    With ``x = softcap * tanh(logits / softcap)`` (or the logits),
+    ``logp = log_softmax(x)``, ``lse = logsumexp(x)``, ``V`` classes,
+    ``ls = label_smoothing``, ``w`` the class weights and ``s`` the row's
+    sample weight (missing weights are 1), the loss of a row is, for a class
+    index ``y`` (0 if ``y == ignore_index``)::
+
+        s * ((1 - ls) * w[y] * -logp[y]  +  ls / V * sum_c w[c] * -logp[c]
+             + z_loss * w[y] * lse**2)
+
+    and for class probabilities ``p`` (a float target of the logits' shape)::
+
+        s * (sum_c w[c] * ((1 - ls) * p[c] + ls / V) * -logp[c]
+             + z_loss * lse**2)
+
+    ``"mean"`` divides the sum by ``sum(s * w[y])`` over the non-ignored rows
+    (class indices) or by ``sum(s)`` (class probabilities).  See the module
+    docstring for the choices made and the differences from torch.
+    """
+    _ce_check_options(reduction, label_smoothing, z_loss, softcap)
+    a = _ce_inputs(logits, target, weight, sample_weight, ignore_index, axis,
+                   dtype)
+    s, r, denominator = _row_weights(a)
+    x, _ = _capped(a.x, softcap)
+    shifted, log_s, m = _shifted_rows(x)
+    logp = np.subtract(shifted, log_s, out=shifted)
+    lse = m + log_s
+    ls, n_classes = label_smoothing, x.shape[-1]
+
+    if a.probs is not None:
+        loss = -_sum_last(_smoothed_target(a, ls) * logp)
+        if z_loss > 0:
+            loss = loss + z_loss * lse * lse
+        return _reduce_rows(loss * r, denominator, reduction)
+
+    # Class indices: the terms are weighted by r = s * w[y], except the
+    # smoothing term, whose class weights w[c] are inside its sum.
+    nll = -np.take_along_axis(logp, a.y[..., None], axis=-1)
+    loss = (1 - ls) * r * nll
+    if ls > 0:
+        smooth = -_sum_last(logp if a.weight is None else logp * a.weight)
+        loss = loss + ls / n_classes * s * smooth
+    if z_loss > 0:
+        loss = loss + z_loss * r * lse * lse
+    loss = np.where(a.valid[..., None], loss, 0)
+    return _reduce_rows(loss, denominator, reduction)
+
+
+@_quiet
+def cross_entropy_grad(logits, target, *, weight=None, sample_weight=None,
+                       ignore_index=-100, reduction="mean",
+                       label_smoothing=0.0, z_loss=0.0, softcap=None, axis=-1,
+                       dtype=np.float64):
+    """Gradient of ``cross_entropy(...).sum()`` with respect to ``logits``.
+
+    With ``q = softmax(x)`` and the row's target distribution ``t`` (class
+    indices: ``t[c] = (1 - ls) * w[y] * [c == y] + ls / V * w[c]``; class
+    probabilities: ``t[c] = w[c] * ((1 - ls) * p[c] + ls / V)``), the
+    gradient of a row's loss with respect to ``x`` is::
+
+        s * (sum(t) * q - t + 2 * z_loss * w[y] * lse * q)
+
+    (``w[y]`` is 1 for class probabilities), 0 for ignored rows, divided by
+    the mean's denominator for ``"mean"``, and times
+    ``1 - tanh(logits / softcap)**2`` with ``softcap``.
+    """
+    _ce_check_options(reduction, label_smoothing, z_loss, softcap)
+    a = _ce_inputs(logits, target, weight, sample_weight, ignore_index, axis,
+                   dtype)
+    s, r, denominator = _row_weights(a)
+    s = _grad_scale(s, denominator, reduction)
+    r = _grad_scale(r, denominator, reduction)
+    x, th = _capped(a.x, softcap)
+    shifted, log_s, m = _shifted_rows(x)
+    lse = m + log_s
+    q = np.exp(np.subtract(shifted, log_s, out=shifted), out=shifted)
+    ls, n_classes = label_smoothing, x.shape[-1]
+
+    if a.probs is not None:
+        t = _smoothed_target(a, ls)
+        coef = _sum_last(t)
+        if z_loss > 0:
+            coef = coef + 2 * z_loss * lse
+        g = (q * coef - t) * r
+    else:
+        # sum(t) = (1 - ls) * w[y] + ls / V * sum(w)
+        w_total = (n_classes if a.weight is None
+                   else np.sum(a.weight, dtype=_accumulator(a.weight.dtype)))
+        coef = (1 - ls) * r + ls / n_classes * w_total * s
+        if z_loss > 0:
+            coef = coef + 2 * z_loss * lse * r
+        g = _inplace(np.multiply, q, coef)
+        if ls > 0:
+            g -= ls / n_classes * s * (1 if a.weight is None else a.weight)
+        g_y = np.take_along_axis(g, a.y[..., None], axis=-1) - (1 - ls) * r
+        np.put_along_axis(g, a.y[..., None], g_y, axis=-1)
+        g = np.where(a.valid[..., None], g, 0)  # also where logits are nan
+    if th is not None:
+        del x                                      # the capped logits
+        g = np.multiply(g, np.subtract(1, th * th, out=th), out=g)
+    return np.moveaxis(_round_back(g, a.x.dtype), -1, a.axis)
+
+
+@_quiet
+def perplexity(logits, target, *, ignore_index=-100, axis=-1,
+               dtype=np.float64):
+    """``exp`` of the mean cross-entropy over the non-ignored rows (nan if
+    every row is ignored)."""
+    return np.exp(cross_entropy(logits, target, ignore_index=ignore_index,
+                                reduction="mean", axis=axis, dtype=dtype))
+
+
+@_quiet
+def perplexity_grad(logits, target, *, ignore_index=-100, axis=-1,
+                    dtype=np.float64):
+    """Gradient of ``perplexity``: ``perplexity * d(mean CE)/d logits``."""
+    kwargs = dict(ignore_index=ignore_index, reduction="mean", axis=axis,
+                  dtype=dtype)
+    return (np.exp(cross_entropy(logits, target, **kwargs))
+            * cross_entropy_grad(logits, target, **kwargs))

@@ -91,6 +91,14 @@ int64_t fl_pointwise_scratch_len(const fl_pointwise_job *job)
 
 int fl_pointwise(const fl_pointwise_job *job, int nthreads) { return fl_active()->pointwise(job, nthreads); }
 
+int64_t fl_ce_scratch_len(int64_t n_rows, int64_t V)
+{
+    const int64_t nparts = (V + 32767) / 32768;       /* CE_PART in ce_body.h */
+    return 4 * n_rows * nparts + 5 * n_rows + 1;      /* part stats + row coefficients */
+}
+
+int fl_cross_entropy(const fl_ce_job *job, int nthreads) { return fl_active()->cross_entropy(job, nthreads); }
+
 double fl_read_sum_f32(const float *x, int64_t n, int nthreads)
 {
     return fl_active()->read_sum_f32(x, n, nthreads);

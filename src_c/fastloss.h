@@ -28,7 +28,8 @@ enum {
     FL_ERR_ARG = -1,            /* inconsistent arguments (a bug in the caller) */
     FL_ERR_DTYPE = -2,          /* unsupported dtype code */
     FL_ERR_NDIM = -3,           /* too many dimensions */
-    FL_ERR_ISA = -4             /* ISA not compiled in or not supported by this CPU */
+    FL_ERR_ISA = -4,            /* ISA not compiled in or not supported by this CPU */
+    FL_ERR_INDEX = -5           /* a target out of range (its row in job->bad_row[0]) */
 };
 
 typedef enum { FL_F16 = 0, FL_BF16 = 1, FL_F32 = 2, FL_F64 = 3, FL_NDTYPES = 4 } fl_dtype;
@@ -81,6 +82,45 @@ typedef struct {
 
 int64_t fl_pointwise_scratch_len(const fl_pointwise_job *job);
 int fl_pointwise(const fl_pointwise_job *job, int nthreads);
+
+/*
+ * Cross-entropy and the softmax family over rows of V classes (class axis contiguous).
+ * The rows form an array of shape row_shape[0..row_ndim) with byte strides per row dim,
+ * for the logits and for the output.  Per row (see src_c/ce_body.h for the math):
+ *   row_lse[r]   log-sum-exp of the (softcapped) row                   (if row_lse)
+ *   row_loss[r]  the cross-entropy term, 0 for ignored rows            (if row_loss; needs target)
+ *   out          mode GRAD: grad_scale * d(row_loss)/d(logits), 0 rows for ignored targets;
+ *                LOGSOFTMAX / SOFTMAX: the normalized row.  out may be logits (in place).
+ * target: n_rows int64 in row order (or NULL); class_weight: V doubles (or NULL) with
+ * weight_sum = their sum (V when NULL); sample_weight: n_rows doubles (or NULL).
+ * scratch: fl_ce_scratch_len(n_rows, V) doubles.
+ */
+enum { FL_CE_OUT_NONE = 0, FL_CE_OUT_GRAD = 1, FL_CE_OUT_LOGSOFTMAX = 2, FL_CE_OUT_SOFTMAX = 3 };
+
+typedef struct {
+    fl_dtype dtype;
+    int64_t V;
+    int row_ndim;
+    int64_t row_shape[FL_MAX_NDIM];
+    int64_t logits_strides[FL_MAX_NDIM];
+    int64_t out_strides[FL_MAX_NDIM];
+    const void *logits;
+    void *out;
+    int mode;                                /* FL_CE_OUT_* */
+    const int64_t *target;
+    const double *class_weight;
+    double weight_sum;
+    const double *sample_weight;
+    int64_t ignore_index;
+    double label_smoothing, z_loss, softcap; /* softcap <= 0: off */
+    double grad_scale;
+    double *row_loss, *row_lse;
+    double *scratch;
+    int64_t *bad_row;                        /* 1 element: first row with a bad target */
+} fl_ce_job;
+
+int64_t fl_ce_scratch_len(int64_t n_rows, int64_t V);
+int fl_cross_entropy(const fl_ce_job *job, int nthreads);
 
 /* Plain read kernel (bandwidth probe): returns the sum of x[0..n). */
 double fl_read_sum_f32(const float *x, int64_t n, int nthreads);

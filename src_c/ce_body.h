@@ -1,0 +1,465 @@
+/*
+ * ce_body.h -- fused log-softmax cross-entropy (and the softmax family), written once.
+ *
+ * Included by each isa_*.c after pointwise_body.h (same target pragma), which defines
+ * FL_TABLE_NAME's pointwise members; this file adds the row kernels.
+ *
+ * Shapes: logits (rows..., V) with the class axis contiguous; the row dims have any
+ * byte strides.  target (n_rows) int64, class_weight (V) and sample_weight (n_rows)
+ * double.  Per-row outputs are double arrays of n_rows; the caller reduces them.
+ *
+ * Math for one row (x = logits, optionally softcapped: x <- c tanh(x / c)):
+ *   lse   = log sum_j exp(x_j)                                  (online: Milakov & Gimelshein 2018)
+ *   loss  = sw [ (1 - eps) w_t (lse - x_t) + eps (W lse - sum_j w_j x_j) / V ] + z sw w_t lse^2
+ *           (w = class weights, W = sum_j w_j, sw = sample weight, t = target, eps = label
+ *           smoothing, z = z-loss scale; torch's formula for weights with label smoothing)
+ *   dloss/dx_j = sw { p_j [(1 - eps) w_t + eps W / V + 2 z w_t lse] - eps w_j / V
+ *                     - (1 - eps) w_t [j == t] } * (1 - tanh^2(x_j / c) if softcapped),  p = softmax(x)
+ *
+ * Design
+ * ------
+ * 1. A row is cut into PARTS of CE_PART elements (fixed: independent of the thread count).
+ *    Each part is read in BLOCKS of CE_BLOCK elements small enough for L1: the block max
+ *    is taken first, then sum exp(x - block max) and sum w_j x_j from L1, so memory is read
+ *    once.  Blocks merge into the part's (max, sumexp) pair by rescaling with one exp.
+ * 2. Parts merge in order into the row's (max, sumexp) -> lse; so the result never
+ *    depends on how rows or parts were spread over threads (bitwise).
+ * 3. The gradient (or log_softmax / softmax output) is a second pass over the row, while
+ *    it is still in cache for rows up to a few hundred KB.
+ * 4. Threads take whole rows when there are enough rows; otherwise (e.g. one row of 256k
+ *    classes) they take parts: stats of all parts in parallel, a merge per row, then the
+ *    output pass over parts in parallel.
+ * float16/bfloat16 rows are converted block by block into a stack buffer and computed in
+ * float32; float32 rows are used in place (unless softcapped); float64 computes in double.
+ * exp is our own vectorizable polynomial (see ce_expf / ce_exp) for arguments <= 0: the
+ * polynomial's relative error is 2.0 ulp (float, degree 5) / < 0.1 ulp (double, degree 13)
+ * plus the rounding of the reduced argument; results below 2^-126 (float) / 2^-1022
+ * (double) are flushed to 0.
+ */
+#include "fl_internal.h"
+
+#ifndef CE_BLOCK
+#define CE_BLOCK 2048
+#endif
+#define CE_PART 32768
+#define CE_STACK_PARTS 64          /* rows up to 64 parts (2M classes) keep their stats on the stack */
+
+
+/* ---- exp: 2^(y log2 e) = 2^n 2^f, n = round, f in [-1/2, 1/2], 2^f by a polynomial -------- */
+
+static inline float ce_expf(float y)
+{
+    const float magic = 12582912.0f;                 /* 1.5 * 2^23: adding it rounds to an integer */
+    /* Callers pass y <= 0 (x - max, x - lse): no overflow clamp is needed. */
+    float t = y * 1.44269504088896341f;
+    float tc = t < -126.0f ? -126.0f : t;            /* NaN passes through the compare */
+    float big = tc + magic;
+    float r = big - magic;
+    float f = tc - r;
+    /* 2^f on [-0.5, 0.5], degree 5, weighted least-squares fit: max rel. error 2.0 ulp */
+    float p = 1.3278163969516754e-3f;
+    p = p * f + 9.675555862486362e-3f;
+    p = p * f + 5.5507078766822815e-2f;
+    p = p * f + 2.4022118747234344e-1f;
+    p = p * f + 6.931469440460205e-1f;
+    p = p * f + 1.0f;
+    uint32_t n = fl_f32_to_bits(big) - 0x4B400000u; /* the integer r, as bits */
+    float res = fl_bits_to_f32(fl_f32_to_bits(p) + (n << 23));
+    return t < -126.0f ? 0.0f : res;
+}
+
+static inline uint64_t ce_f64_bits(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+static inline double ce_bits_f64(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
+
+static inline double ce_exp(double y)
+{
+    const double magic = 6755399441055744.0;        /* 1.5 * 2^52 */
+    double t = y * 1.4426950408889634;               /* y <= 0, as for ce_expf */
+    double tc = t < -1022.0 ? -1022.0 : t;
+    double big = tc + magic;
+    double r = big - magic;
+    double f = tc - r;
+    /* 2^f = e^(f ln 2): Taylor to degree 13, truncation < 5e-18 on [-0.5, 0.5] */
+    double p = 1.3691488853904124e-12;
+    p = p * f + 2.5678435993488196e-11;
+    p = p * f + 4.44553827187081e-10;
+    p = p * f + 7.054911620801121e-09;
+    p = p * f + 1.0178086009239696e-07;
+    p = p * f + 1.3215486790144305e-06;
+    p = p * f + 1.5252733804059838e-05;
+    p = p * f + 1.5403530393381606e-04;
+    p = p * f + 1.3333558146428441e-03;
+    p = p * f + 9.618129107628477e-03;
+    p = p * f + 5.5504108664821576e-02;
+    p = p * f + 2.402265069591007e-01;
+    p = p * f + 6.931471805599453e-01;
+    p = p * f + 1.0;
+    uint64_t n = ce_f64_bits(big) - 0x4338000000000000ull;
+    double res = ce_bits_f64(ce_f64_bits(p) + (n << 52));
+    return t < -1022.0 ? 0.0 : res;
+}
+
+/* tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2|z|): absolute error ~1 ulp of 1. */
+static inline float ce_tanhf(float z)
+{
+    float e = ce_expf(-2.0f * fabsf(z));
+    float m = (1.0f - e) / (1.0f + e);
+    return z < 0.0f ? -m : m;
+}
+static inline double ce_tanh(double z)
+{
+    double e = ce_exp(-2.0 * fabs(z));
+    double m = (1.0 - e) / (1.0 + e);
+    return z < 0.0 ? -m : m;
+}
+
+/* ---- per-dtype block loaders: a block as compute-type values (softcap applied) --------- */
+
+#define CE_LOADER(DT, T, R, LD, TANH)                                                          \
+    static inline const R *ce_load_##DT(const T *src, R *buf, int64_t n, R cap, R inv_cap)    \
+    {                                                                                          \
+        if (cap > 0) {                                                                         \
+            _Pragma("omp simd")                                                                \
+            for (int64_t i = 0; i < n; i++) buf[i] = cap * TANH((R)LD(src[i]) * inv_cap);     \
+            return buf;                                                                        \
+        }                                                                                      \
+        if (sizeof(T) == sizeof(R)) return (const R *)(const void *)src;                      \
+        _Pragma("omp simd")                                                                    \
+        for (int64_t i = 0; i < n; i++) buf[i] = (R)LD(src[i]);                                \
+        return buf;                                                                            \
+    }
+
+#define CE_LD_f16(v) fl_half_to_f32(v)
+#define CE_LD_bf16(v) fl_bf16_to_f32(v)
+#define CE_LD_f32(v) (v)
+#define CE_LD_f64(v) (v)
+#define CE_ST_f16(v) fl_f32_to_half(v)
+#define CE_ST_bf16(v) fl_f32_to_bf16(v)
+#define CE_ST_f32(v) (v)
+#define CE_ST_f64(v) (v)
+
+CE_LOADER(f16, fl_half, float, CE_LD_f16, ce_tanhf)
+CE_LOADER(bf16, fl_bf16, float, CE_LD_bf16, ce_tanhf)
+CE_LOADER(f32, float, float, CE_LD_f32, ce_tanhf)
+CE_LOADER(f64, double, double, CE_LD_f64, ce_tanh)
+
+/* Prefetch the next block (up to CE_BLOCK elements of `size` bytes) while this one is
+ * computed: one core keeps too few cache misses in flight on its own (as in
+ * pointwise_body.h); measured +40-60 % on large row sets. */
+static inline void ce_prefetch_next(const void *next, int64_t remaining, size_t size)
+{
+    int64_t bytes = (remaining < CE_BLOCK ? remaining : CE_BLOCK) * (int64_t)size;
+    for (int64_t k = 0; k < bytes; k += 64) FL_PREFETCH(next, k);
+}
+
+/* Statistics of one part: max, sum exp(x - max), sum w_j x_j (w = 1 without class weights),
+ * and the target logit if the target falls in this part. */
+typedef struct {
+    double max, sumexp, wx, xt;
+} ce_stats;
+
+/* Merge (m2, s2) into (m1, s1): the max, and the sums rescaled to it.  -inf maxima (all
+ * entries -inf) contribute nothing; NaN propagates. */
+static inline void ce_merge(double *m1, double *s1, double m2, double s2)
+{
+    if (m2 == -INFINITY) return;
+    if (*m1 == -INFINITY) { *m1 = m2; *s1 = s2; return; }
+    if (m2 > *m1) {
+        *s1 = *s1 * ce_exp(*m1 - m2) + s2;
+        *m1 = m2;
+    } else if (m2 <= *m1) {
+        *s1 += s2 * ce_exp(m2 - *m1);
+    } else {                                  /* a NaN max */
+        *m1 = NAN;
+        *s1 = NAN;
+    }
+}
+
+/* max and sum exp(v - max) of one block.  A separate, non-inlined function: inlined into
+ * the block loop, GCC 12 vectorized these loops only in the first iteration of that loop
+ * (measured: 6x slower from the second block on). */
+#define CE_BLOCK_MAXSUM(DT, R, EXP)                                                            \
+    static __attribute__((noinline)) void ce_block_maxsum_##DT(const R *v, int64_t nb, R *mp,  \
+                                                               R *sp)                          \
+    {                                                                                          \
+        R m = -INFINITY, s = 0;                                                                \
+        _Pragma("omp simd reduction(max:m)")                                                   \
+        for (int64_t i = 0; i < nb; i++) m = v[i] > m ? v[i] : m;   /* skips NaN */             \
+        if (m > -INFINITY) {          /* a NaN in the block makes s NaN through exp */         \
+            _Pragma("omp simd reduction(+:s)")                                                 \
+            for (int64_t i = 0; i < nb; i++) s += EXP(v[i] - m);                               \
+        } else {                      /* all -inf (s = 0), unless some are NaN */              \
+            for (int64_t i = 0; i < nb; i++)                                                   \
+                if (v[i] != v[i]) { s = NAN; m = NAN; break; }                                 \
+        }                                                                                      \
+        *mp = m;                                                                               \
+        *sp = s;                                                                               \
+    }
+
+CE_BLOCK_MAXSUM(f32, float, ce_expf)
+CE_BLOCK_MAXSUM(f64, double, ce_exp)
+#define ce_block_maxsum_f16 ce_block_maxsum_f32     /* 16-bit rows are computed in float */
+#define ce_block_maxsum_bf16 ce_block_maxsum_f32
+
+#define CE_PART_STATS(DT, T, R, EXP)                                                           \
+    static void ce_part_stats_##DT(const T *x, int64_t n, int64_t t_off, int need_wx,         \
+                                   const double *cw, R cap, R inv_cap, ce_stats *st)           \
+    {                                                                                          \
+        R buf[CE_BLOCK];                                                                       \
+        double M = -INFINITY, S = 0.0, WX = 0.0;                                               \
+        for (int64_t b = 0; b < n; b += CE_BLOCK) {                                            \
+            const int64_t nb = n - b < CE_BLOCK ? n - b : CE_BLOCK;                            \
+            ce_prefetch_next(x + b + nb, n - b - nb, sizeof(T));                               \
+            const R *v = ce_load_##DT(x + b, buf, nb, cap, inv_cap);                           \
+            if (t_off >= b && t_off < b + nb) st->xt = (double)v[t_off - b];                   \
+            R m, s, wx = 0;                                                                    \
+            ce_block_maxsum_##DT(v, nb, &m, &s);                                               \
+            if (!need_wx) {                                                                    \
+            } else if (cw) {                                                                   \
+                double wxd = 0.0;                                                              \
+                _Pragma("omp simd reduction(+:wxd)")                                           \
+                for (int64_t i = 0; i < nb; i++) wxd += cw[b + i] * (double)v[i];              \
+                WX += wxd;                                                                     \
+            } else {                                                                           \
+                _Pragma("omp simd reduction(+:wx)")                                            \
+                for (int64_t i = 0; i < nb; i++) wx += v[i];                                   \
+                WX += (double)wx;                                                              \
+            }                                                                                  \
+            ce_merge(&M, &S, (double)m, (double)s);                                            \
+        }                                                                                      \
+        st->max = M;                                                                           \
+        st->sumexp = S;                                                                        \
+        st->wx = WX;                                                                           \
+    }
+
+CE_PART_STATS(f16, fl_half, float, ce_expf)
+CE_PART_STATS(bf16, fl_bf16, float, ce_expf)
+CE_PART_STATS(f32, float, float, ce_expf)
+CE_PART_STATS(f64, double, double, ce_exp)
+
+/* Output of one block (non-inlined for the vectorizer, as ce_block_maxsum).
+ * mode CE_OUT_GRAD: o_j = (a p_j + bb w_j) cap'_j with p_j = exp(v_j - L), w_j = cw[j] or 1;
+ * LOGSOFTMAX: v_j - L;  SOFTMAX: p_j.  v holds the (capped) logits. */
+#define CE_BLOCK_OUT(DT, T, R, EXP)                                                             \
+    static __attribute__((noinline)) void ce_block_out_##DT(const R *v, T *o, int64_t nb,       \
+                                                            int mode, const double *cw, R cap,  \
+                                                            R inv_cap, R L, R a, R bb)          \
+    {                                                                                           \
+        if (mode == FL_CE_OUT_LOGSOFTMAX) {                                                     \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++) o[i] = CE_ST_##DT(v[i] - L);                       \
+        } else if (mode == FL_CE_OUT_SOFTMAX) {                                                 \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++) o[i] = CE_ST_##DT(EXP(v[i] - L));                  \
+        } else if (cap > 0) {                                                                   \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++) {                                                  \
+                R w = cw ? (R)cw[i] : (R)1;                                                     \
+                R th = v[i] * inv_cap;            /* tanh(x / c), from the capped value */      \
+                o[i] = CE_ST_##DT((a * EXP(v[i] - L) + bb * w) * ((R)1 - th * th));             \
+            }                                                                                   \
+        } else if (cw) {                                                                        \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++) o[i] = CE_ST_##DT(a * EXP(v[i] - L) + bb * (R)cw[i]); \
+        } else {                                                                                \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++) o[i] = CE_ST_##DT(a * EXP(v[i] - L) + bb);         \
+        }                                                                                       \
+    }
+
+CE_BLOCK_OUT(f16, fl_half, float, ce_expf)
+CE_BLOCK_OUT(bf16, fl_bf16, float, ce_expf)
+CE_BLOCK_OUT(f32, float, float, ce_expf)
+CE_BLOCK_OUT(f64, double, double, ce_exp)
+
+/* Output pass over one part, block by block; the target's element is then corrected
+ * (its logit was read before the block was written: out may be the logits, in place). */
+#define CE_PART_OUT(DT, T, R, EXP, TANH)                                                        \
+    static void ce_part_out_##DT(const T *x, T *out, int64_t n, int mode, const double *cw,     \
+                                 R cap, R inv_cap, double lse, double A, double B, int64_t t_off, \
+                                 double D)                                                      \
+    {                                                                                           \
+        R buf[CE_BLOCK];                                                                        \
+        const R L = (R)lse, a = (R)A, bb = (R)B;                                                \
+        for (int64_t b = 0; b < n; b += CE_BLOCK) {                                             \
+            const int64_t nb = n - b < CE_BLOCK ? n - b : CE_BLOCK;                             \
+            ce_prefetch_next(x + b + nb, n - b - nb, sizeof(T));                                \
+            const R *v = ce_load_##DT(x + b, buf, nb, cap, inv_cap);                            \
+            const int has_t = mode == FL_CE_OUT_GRAD && t_off >= b && t_off < b + nb;           \
+            const R vt = has_t ? v[t_off - b] : (R)0;                                           \
+            ce_block_out_##DT(v, out + b, nb, mode, cw ? cw + b : NULL, cap, inv_cap, L, a, bb);\
+            if (has_t) {                                                                        \
+                R w = cw ? (R)cw[t_off] : (R)1;                                                 \
+                R g = a * EXP(vt - L) + bb * w + (R)D;                                          \
+                if (cap > 0) { R th = vt * inv_cap; g *= (R)1 - th * th; }                      \
+                out[t_off] = CE_ST_##DT(g);                                                     \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+CE_PART_OUT(f16, fl_half, float, ce_expf, ce_tanhf)
+CE_PART_OUT(bf16, fl_bf16, float, ce_expf, ce_tanhf)
+CE_PART_OUT(f32, float, float, ce_expf, ce_tanhf)
+CE_PART_OUT(f64, double, double, ce_exp, ce_tanh)
+
+/* ---- driver ------------------------------------------------------------------------------ */
+
+static size_t ce_itemsize(fl_dtype dt) { return dt == FL_F64 ? 8 : (dt == FL_F32 ? 4 : 2); }
+
+/* byte offset of row r in an array with the job's row shape and the given row strides */
+static inline int64_t ce_row_offset(const fl_ce_job *J, const int64_t *strides, int64_t r)
+{
+    int64_t off = 0;
+    for (int d = J->row_ndim - 1; d >= 0; d--) {
+        int64_t n = J->row_shape[d];
+        off += (r % n) * strides[d];
+        r /= n;
+    }
+    return off;
+}
+
+static void ce_stats_part(const fl_ce_job *J, int64_t r, int64_t part, ce_stats *st)
+{
+    const char *row = (const char *)J->logits + ce_row_offset(J, J->logits_strides, r);
+    const int64_t j0 = part * CE_PART, n = J->V - j0 < CE_PART ? J->V - j0 : CE_PART;
+    const int64_t t = J->target ? J->target[r] : -1;
+    const int64_t t_off = (t >= j0 && t < j0 + n) ? t - j0 : -1;
+    const int need_wx = J->target && J->label_smoothing != 0.0;
+    const double *cw = (need_wx && J->class_weight) ? J->class_weight + j0 : NULL;
+    const double cap = J->softcap, ic = cap > 0 ? 1.0 / cap : 0.0;
+    st->xt = 0.0;
+    switch (J->dtype) {
+    case FL_F16: ce_part_stats_f16((const fl_half *)row + j0, n, t_off, need_wx, cw, (float)cap, (float)ic, st); break;
+    case FL_BF16: ce_part_stats_bf16((const fl_bf16 *)row + j0, n, t_off, need_wx, cw, (float)cap, (float)ic, st); break;
+    case FL_F32: ce_part_stats_f32((const float *)row + j0, n, t_off, need_wx, cw, (float)cap, (float)ic, st); break;
+    default: ce_part_stats_f64((const double *)row + j0, n, t_off, need_wx, cw, cap, ic, st); break;
+    }
+}
+
+/* Row results from its parts' stats (merged in order): lse, loss; and the gradient
+ * coefficients.  Returns 0 if the row is ignored. */
+typedef struct {
+    double lse, A, B, D;
+    int active;
+} ce_row;
+
+static ce_row ce_finish_row(const fl_ce_job *J, int64_t r, const ce_stats *parts, int64_t nparts)
+{
+    ce_row R = {0.0, 0.0, 0.0, 0.0, 1};
+    double M = -INFINITY, S = 0.0, WX = 0.0, xt = 0.0;
+    const int64_t t = J->target ? J->target[r] : -1;
+    for (int64_t k = 0; k < nparts; k++) {
+        ce_merge(&M, &S, parts[k].max, parts[k].sumexp);
+        WX += parts[k].wx;
+        if (t >= k * CE_PART && t < (k + 1) * CE_PART) xt = parts[k].xt;
+    }
+    R.lse = (M == -INFINITY) ? -INFINITY : M + log(S);
+    if (J->row_lse) J->row_lse[r] = R.lse;
+    if (J->mode != FL_CE_OUT_GRAD && !J->row_loss) return R;
+    if (!J->target) return R;
+    if (t == J->ignore_index) {
+        R.active = 0;
+        if (J->row_loss) J->row_loss[r] = 0.0;
+        return R;
+    }
+    const double eps = J->label_smoothing, V = (double)J->V;
+    const double wt = J->class_weight ? J->class_weight[t] : 1.0;
+    const double sw = J->sample_weight ? J->sample_weight[r] : 1.0;
+    const double W = J->weight_sum;
+    double loss = (1.0 - eps) * wt * (R.lse - xt);
+    if (eps != 0.0) loss += eps * (W * R.lse - WX) / V;
+    loss *= sw;
+    if (J->z_loss != 0.0) loss += J->z_loss * sw * wt * R.lse * R.lse;
+    if (J->row_loss) J->row_loss[r] = loss;
+    const double G = J->grad_scale * sw;
+    R.A = G * ((1.0 - eps) * wt + eps * W / V + 2.0 * J->z_loss * wt * R.lse);
+    R.B = -G * eps / V;
+    R.D = -G * (1.0 - eps) * wt;
+    return R;
+}
+
+static void ce_out_part(const fl_ce_job *J, int64_t r, int64_t part, const ce_row *R)
+{
+    const char *row = (const char *)J->logits + ce_row_offset(J, J->logits_strides, r);
+    char *orow = (char *)J->out + ce_row_offset(J, J->out_strides, r);
+    const int64_t j0 = part * CE_PART, n = J->V - j0 < CE_PART ? J->V - j0 : CE_PART;
+    const size_t isz = ce_itemsize(J->dtype);
+    if (J->mode == FL_CE_OUT_GRAD && !R->active) {     /* ignored row: zero gradient */
+        memset(orow + j0 * (int64_t)isz, 0, (size_t)n * isz);
+        return;
+    }
+    const int64_t t = J->target ? J->target[r] : -1;
+    const int64_t t_off = (t >= j0 && t < j0 + n) ? t - j0 : -1;
+    const double *cw = (J->class_weight && J->label_smoothing != 0.0) ? J->class_weight + j0 : NULL;
+    const double cap = J->softcap, ic = cap > 0 ? 1.0 / cap : 0.0;
+    switch (J->dtype) {
+    case FL_F16: ce_part_out_f16((const fl_half *)row + j0, (fl_half *)orow + j0, n, J->mode, cw, (float)cap, (float)ic, R->lse, R->A, R->B, t_off, R->D); break;
+    case FL_BF16: ce_part_out_bf16((const fl_bf16 *)row + j0, (fl_bf16 *)orow + j0, n, J->mode, cw, (float)cap, (float)ic, R->lse, R->A, R->B, t_off, R->D); break;
+    case FL_F32: ce_part_out_f32((const float *)row + j0, (float *)orow + j0, n, J->mode, cw, (float)cap, (float)ic, R->lse, R->A, R->B, t_off, R->D); break;
+    default: ce_part_out_f64((const double *)row + j0, (double *)orow + j0, n, J->mode, cw, cap, ic, R->lse, R->A, R->B, t_off, R->D); break;
+    }
+}
+
+static int ce_run(const fl_ce_job *J, int nthreads)
+{
+    if (J->V < 1 || J->row_ndim < 0 || J->row_ndim > FL_MAX_NDIM) return FL_ERR_ARG;
+    if ((int)J->dtype < 0 || J->dtype >= FL_NDTYPES) return FL_ERR_DTYPE;
+    if (J->mode != FL_CE_OUT_NONE && !J->out) return FL_ERR_ARG;
+    int64_t n_rows = 1;
+    for (int d = 0; d < J->row_ndim; d++) n_rows *= J->row_shape[d];
+    if (n_rows == 0) return FL_OK;
+    const int64_t nparts = (J->V + CE_PART - 1) / CE_PART;
+    if (J->target) {                          /* checked by the caller; checked again: no OOB read */
+        for (int64_t r = 0; r < n_rows; r++) {
+            int64_t t = J->target[r];
+            if (t != J->ignore_index && (t < 0 || t >= J->V)) {
+                J->bad_row[0] = r;
+                return FL_ERR_INDEX;
+            }
+        }
+    }
+    const int64_t total = n_rows * J->V;
+    int64_t nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > total / 16384) nt = total / 16384;
+    if (nt < 1) nt = 1;
+
+    if ((n_rows >= nt || nparts == 1) && nparts <= CE_STACK_PARTS) {
+        /* rows across threads: each row's parts, then its output while it is in cache */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
+#endif
+        for (int64_t r = 0; r < n_rows; r++) {
+            ce_stats st[CE_STACK_PARTS];
+            for (int64_t k = 0; k < nparts; k++) ce_stats_part(J, r, k, &st[k]);
+            ce_row R = ce_finish_row(J, r, st, nparts);
+            if (J->mode != FL_CE_OUT_NONE)
+                for (int64_t k = 0; k < nparts; k++) ce_out_part(J, r, k, &R);
+        }
+        return FL_OK;
+    }
+    /* few long rows: parts across threads (stats), merge per row, parts across threads (output) */
+    if (!J->scratch) return FL_ERR_ARG;
+    ce_stats *st = (ce_stats *)(void *)J->scratch;
+    ce_row *rows = (ce_row *)(void *)(J->scratch + 4 * n_rows * nparts);   /* see fl_ce_scratch_len */
+    const int64_t items = n_rows * nparts;
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)nt)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t it = 0; it < items; it++) ce_stats_part(J, it / nparts, it % nparts, &st[it]);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < n_rows; r++) rows[r] = ce_finish_row(J, r, st + r * nparts, nparts);
+        if (J->mode != FL_CE_OUT_NONE) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int64_t it = 0; it < items; it++) ce_out_part(J, it / nparts, it % nparts, &rows[it / nparts]);
+        }
+    }
+    return FL_OK;
+}
