@@ -27,6 +27,8 @@ _select_isa_from_env()
 
 from fastloss import reference  # noqa: E402
 from fastloss._config import config, get_num_threads, set_num_threads, show_config  # noqa: E402
+from fastloss.classification import (cross_entropy, cross_entropy_with_grad, log_softmax, logsumexp,  # noqa: E402
+                                     nll_loss, perplexity, softmax)
 from fastloss.regression import (huber_loss, huber_loss_with_grad, l1_loss, l1_loss_with_grad,  # noqa: E402
                                  mae, mse, mse_loss, mse_loss_with_grad, rmse, rmse_with_grad,
                                  smooth_l1_loss, smooth_l1_loss_with_grad)
@@ -36,4 +38,5 @@ __all__ = [
     "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "rmse", "mse", "mae",
     "mse_loss_with_grad", "l1_loss_with_grad", "huber_loss_with_grad", "smooth_l1_loss_with_grad",
     "rmse_with_grad",
+    "cross_entropy", "cross_entropy_with_grad", "log_softmax", "softmax", "logsumexp", "nll_loss", "perplexity",
 ]
