@@ -318,8 +318,8 @@ def logsumexp(x, axis=-1, *, num_threads=None):
     otherwise); all ``-inf`` rows give ``-inf``, NaN gives NaN.
 
     >>> import numpy as np, fastloss
-    >>> fastloss.logsumexp(np.array([[0.0, 0.0], [1000.0, 1001.0]])).round(6)
-    array([   0.693147, 1001.313262])
+    >>> fastloss.logsumexp(np.array([[0.0, 0.0], [10.0, 11.0]]))
+    array([ 0.69314718, 11.31326169])
     """
     x0 = as_float_array(x, "x")
     if x0.ndim == 0:
