@@ -114,7 +114,8 @@ def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     return v
 
 
-def check_grad_out(grad_out, shape: tuple, dtype: np.dtype, inputs: dict) -> np.ndarray:
+def check_grad_out(grad_out, shape: tuple, dtype: np.dtype, inputs: dict, *, name: str = "grad_out",
+                   inplace_name: str = "input") -> np.ndarray:
     """Validate a caller-supplied gradient buffer.
 
     It must be a writeable ndarray of exactly `shape` and `dtype`.  It may be the
@@ -122,27 +123,27 @@ def check_grad_out(grad_out, shape: tuple, dtype: np.dtype, inputs: dict) -> np.
     otherwise overlap any input.
     """
     if not isinstance(grad_out, np.ndarray):
-        raise TypeError(f"grad_out must be a numpy.ndarray, got {type(grad_out).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(grad_out).__name__}")
     if grad_out.shape != shape:
-        raise ValueError(f"grad_out has shape {grad_out.shape}, expected {shape}")
+        raise ValueError(f"{name} has shape {grad_out.shape}, expected {shape}")
     if grad_out.dtype != dtype:
-        raise TypeError(f"grad_out has dtype {grad_out.dtype}, expected {dtype}")
+        raise TypeError(f"{name} has dtype {grad_out.dtype}, expected {dtype}")
     if not grad_out.flags.writeable:
-        raise ValueError("grad_out is read-only")
+        raise ValueError(f"{name} is read-only")
     if not grad_out.flags.aligned or not grad_out.dtype.isnative:
-        raise ValueError("grad_out must be aligned and in native byte order")
-    for name, arr in inputs.items():
+        raise ValueError(f"{name} must be aligned and in native byte order")
+    for arg, arr in inputs.items():
         if arr is None:
             continue
         same = (arr.__array_interface__["data"][0] == grad_out.__array_interface__["data"][0]
                 and arr.strides == grad_out.strides and arr.shape == grad_out.shape
                 and arr.dtype == grad_out.dtype)
-        if same and name == "input":
+        if same and arg == "input":
             continue
         try:
             overlap = np.shares_memory(arr, grad_out, max_work=10_000)
         except np.exceptions.TooHardError:
             overlap = True
         if overlap:
-            raise ValueError(f"grad_out overlaps {name}; only grad_out=input (in place) is allowed")
+            raise ValueError(f"{name} overlaps {arg}; only {name}={inplace_name} (in place) is allowed")
     return grad_out

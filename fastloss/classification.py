@@ -80,9 +80,12 @@ def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: i
     t = np.asarray(target)
     if t.dtype.kind == "f" and t.shape == logits_shape:
         raise NotImplementedError("soft targets (class probabilities) are not implemented yet")
-    if t.dtype.kind not in "iu":
+    if t.dtype.kind not in "iuf":
         raise TypeError(f"target must hold integer class indices (or be soft probabilities of the logits' "
-                        f"shape), got dtype {t.dtype} of shape {t.shape}")
+                        f"shape), got dtype {t.dtype}")
+    if t.dtype.kind in "iu" and t.shape == logits_shape and t.shape != rows_shape:
+        raise TypeError(f"target has the logits' shape {t.shape} but integer dtype {t.dtype}: class indices "
+                        f"have the shape {rows_shape}; probabilities must be floats")
     if t.shape != rows_shape:
         hint = ""
         nd = len(logits_shape)
@@ -90,8 +93,12 @@ def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: i
             hint = f"; for (N, C, d1, ...) logits pass axis=1"
         raise ValueError(f"target has shape {t.shape}, expected {rows_shape} (the logits' shape "
                          f"{logits_shape} without the class axis){hint}")
+    if t.dtype.kind == "f":
+        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype} (soft targets must have "
+                        f"the logits' shape {logits_shape})")
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
-        raise IndexError(f"target {int(t.max())} is out of range for {V} classes")
+        r = int(np.argmax(t.reshape(-1)))
+        raise IndexError(f"target {int(t.reshape(-1)[r])} at row {r} is out of range for {V} classes")
     t64 = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
     bad = (t64 != ignore_index) & ((t64 < 0) | (t64 >= V))
     if bad.any():
@@ -251,7 +258,7 @@ def cross_entropy_with_grad(logits, target, *, weight=None, sample_weight=None, 
               "sample_weight": None if sample_weight is None else np.asarray(sample_weight)}
     if grad_out is not logits:
         inputs["logits"] = x0
-    result = check_grad_out(grad_out, x0.shape, x0.dtype, inputs)
+    result = check_grad_out(grad_out, x0.shape, x0.dtype, inputs, inplace_name="logits")
     work = np.moveaxis(result, ce.axis, -1)
     if ce.V > 1 and work.strides[-1] != work.itemsize:
         tmp = np.empty(ce.x.shape, dtype=x0.dtype)
@@ -276,7 +283,7 @@ def _softmax_family(x, axis, out, num_threads, mode, name):
                                      None, None, nthreads)
         return np.moveaxis(res, -1, ax)
     inputs = {} if out is x else {"x": x0}
-    check_grad_out(out, x0.shape, x0.dtype, inputs)
+    check_grad_out(out, x0.shape, x0.dtype, inputs, name="out", inplace_name="x")
     work = np.moveaxis(out, ax, -1)
     target = work if (v.shape[-1] <= 1 or work.strides[-1] == work.itemsize) else np.empty(v.shape, x0.dtype)
     if v.size:

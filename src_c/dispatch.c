@@ -94,7 +94,7 @@ int fl_pointwise(const fl_pointwise_job *job, int nthreads) { return fl_active()
 int64_t fl_ce_scratch_len(int64_t n_rows, int64_t V)
 {
     const int64_t nparts = (V + 32767) / 32768;       /* CE_PART in ce_body.h */
-    return 4 * n_rows * nparts + 5 * n_rows + 1;      /* part stats + row coefficients */
+    return 4 * n_rows * nparts + 7 * n_rows + 1;      /* part stats (4) + ce_row (7) per row */
 }
 
 int fl_cross_entropy(const fl_ce_job *job, int nthreads) { return fl_active()->cross_entropy(job, nthreads); }

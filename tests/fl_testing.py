@@ -119,7 +119,8 @@ def _as_f64(a) -> np.ndarray:
 
 def assert_close(got, expected, *, rtol, atol=0.0, what="value"):
     """|got - expected| <= atol + rtol * |expected| elementwise; NaN must match NaN and inf must
-    match the same inf exactly.  Shapes must be equal (no broadcasting)."""
+    match the same inf exactly.  Shapes must be equal (no broadcasting of got/expected); `atol`
+    may be an array broadcastable to them (an error bound per element)."""
     g, e = np.asarray(got), np.asarray(expected)
     if g.shape != e.shape:
         raise AssertionError(f"{what}: shape {g.shape}, expected {e.shape}")
@@ -133,7 +134,8 @@ def assert_close(got, expected, *, rtol, atol=0.0, what="value"):
         finite = bad & np.isfinite(err)
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = float(np.max(err[finite] / np.abs(e64[finite]))) if finite.any() else float("nan")
-        header = f"rtol={rtol:.3g}, atol={atol:.3g}, worst relative error {rel:.3g}"
+        atol_text = f"{atol:.3g}" if np.ndim(atol) == 0 else f"per element (max {float(np.max(atol)):.3g})"
+        header = f"rtol={rtol:.3g}, atol={atol_text}, worst relative error {rel:.3g}"
         g0, e0 = g64.reshape(g.shape or ()), e64.reshape(e.shape or ())
         raise AssertionError(_mismatch_report(what, np.atleast_1d(g0), np.atleast_1d(e0),
                                               np.atleast_1d(bad), header))
@@ -163,6 +165,20 @@ def assert_loss_type(result, input_dtype, *, scalar: bool):
     else:
         assert isinstance(result, np.ndarray) and result.dtype == want, (
             f"expected a {want} ndarray, got {type(result).__name__} {getattr(result, 'dtype', '')}")
+
+
+def fd_gradient(f, x, h):
+    """d f / d x by 4th-order central differences, (f(x-2h) - 8 f(x-h) + 8 f(x+h) - f(x+2h)) / 12h,
+    one element at a time (for small float64 arrays; truncation error O(h**4))."""
+    g = np.empty(x.shape, dtype=np.float64)
+    for i in np.ndindex(x.shape):
+        vals = []
+        for k in (-2, -1, 1, 2):
+            xp = x.copy()
+            xp[i] += k * h
+            vals.append(float(f(xp)))
+        g[i] = (vals[0] - 8.0 * vals[1] + 8.0 * vals[2] - vals[3]) / (12.0 * h)
+    return g
 
 
 # ---- subprocesses ---------------------------------------------------------------------------
