@@ -1336,24 +1336,29 @@ def _regression_table(recs: list[dict], first_isa: str, has_torch: bool) -> list
         if prev_n is not None and r["n"] != prev_n:
             rows.append(None)
         prev_n = r["n"]
-        med = r["fastloss"]["median_s"]
         row = [r["loss"], format_size(r["n"]), r["mode"].replace("_", "-"), str(r["threads"])]
-        if multi_isa:
-            row.append(r["isa"])
-        row += [format_ms(med), format_ms(r["numpy"]["median_s"]) if r["numpy"] else "-"]
-        if has_torch:
-            row.append(format_ms(r["torch"]["median_s"]) if r["torch"] else "-")
-        row.append(_ratio(r["speedup_numpy"]))
-        if has_torch:
-            row.append(_ratio(r["speedup_torch"]))
-        if multi_isa:
-            b = base.get((r["loss"], r["n"], r["mode"], r["threads"]))
-            row.append(_ratio(b / med) if b else "-")
-        row += [f"{r['gbps']:.1f}", f"{r['pct_read_bw']:.0f}%"]
-        if r["agrees_with_numpy"] is False or r["torch_agrees"] is False:
-            row[-1] += " !"
+        row += _timing_cells(r, has_torch, multi_isa, base.get((r["loss"], r["n"], r["mode"], r["threads"])))
         rows.append(row)
     return _format_rows(head, rows, {"loss", "mode", "isa"})
+
+
+def _timing_cells(r: dict, has_torch: bool, multi_isa: bool, base_med) -> list[str]:
+    """The cells every table shares: [isa], times, speedups, [vs the first ISA], GB/s, %read
+    (flagged with ' !' when a provider disagreed with NumPy in the warm-up check)."""
+    med = r["fastloss"]["median_s"]
+    cells = [r["isa"]] if multi_isa else []
+    cells += [format_ms(med), format_ms(r["numpy"]["median_s"]) if r["numpy"] else "-"]
+    if has_torch:
+        cells.append(format_ms(r["torch"]["median_s"]) if r["torch"] else "-")
+    cells.append(_ratio(r["speedup_numpy"]))
+    if has_torch:
+        cells.append(_ratio(r["speedup_torch"]))
+    if multi_isa:
+        cells.append(_ratio(base_med / med) if base_med else "-")
+    cells += [f"{r['gbps']:.1f}", f"{r['pct_read_bw']:.0f}%"]
+    if r["agrees_with_numpy"] is False or r["torch_agrees"] is False:
+        cells[-1] += " !"
+    return cells
 
 
 def _mem_cell(r: dict, who: str) -> str:
@@ -1378,23 +1383,10 @@ def _ce_table(recs: list[dict], first_isa: str, has_torch: bool) -> list[str]:
         if prev is not None and key != prev:
             rows.append(None)
         prev = key
-        med = r["fastloss"]["median_s"]
         row = ([r["loss"]] if multi_loss else []) + [format_shape(r["shape"]), r["dtype"], MODE_LABELS[r["mode"]],
                                                      str(r["threads"])]
-        if multi_isa:
-            row.append(r["isa"])
-        row += [format_ms(med), format_ms(r["numpy"]["median_s"]) if r["numpy"] else "-"]
-        if has_torch:
-            row.append(format_ms(r["torch"]["median_s"]) if r["torch"] else "-")
-        row.append(_ratio(r["speedup_numpy"]))
-        if has_torch:
-            row.append(_ratio(r["speedup_torch"]))
-        if multi_isa:
-            b = base.get((r["loss"], tuple(r["shape"]), r["dtype"], r["mode"], r["threads"]))
-            row.append(_ratio(b / med) if b else "-")
-        row += [f"{r['gbps']:.1f}", f"{r['pct_read_bw']:.0f}%"]
-        if r["agrees_with_numpy"] is False or r["torch_agrees"] is False:
-            row[-1] += " !"
+        row += _timing_cells(r, has_torch, multi_isa,
+                             base.get((r["loss"], tuple(r["shape"]), r["dtype"], r["mode"], r["threads"])))
         row += [_mem_cell(r, "fastloss"), _mem_cell(r, "numpy")] + ([_mem_cell(r, "torch")] if has_torch else [])
         rows.append(row)
     return _format_rows(head, rows, {"loss", "shape", "dtype", "mode", "isa"})
