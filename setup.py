@@ -2,9 +2,9 @@
 ``fastloss/`` and the plain-C kernels in ``src_c/``.
 
 Compile flags: ``-O3 -fno-math-errno -fno-trapping-math`` (what lets GCC vectorize
-branch-free math without changing NaN/inf semantics); never ``-ffast-math`` nor
-``-march=native``: ``src_c/isa_*.c`` compile the kernels for several ISAs and
-``src_c/dispatch.c`` picks one at run time.
+branch-free math without changing NaN/inf semantics); never fast-math, and never a
+flag that targets the build machine's own CPU: ``src_c/isa_*.c`` compile the kernels
+for several ISAs and ``src_c/dispatch.c`` picks one at run time.
 
 OpenMP is probed by compiling and linking a tiny program; without it the build
 still succeeds (single-threaded, ``-fopenmp-simd`` keeps the SIMD pragmas) and
