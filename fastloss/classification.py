@@ -259,14 +259,20 @@ def cross_entropy_with_grad(logits, target, *, weight=None, sample_weight=None, 
     if grad_out is not logits:
         inputs["logits"] = x0
     result = check_grad_out(grad_out, x0.shape, x0.dtype, inputs, inplace_name="logits")
-    work = np.moveaxis(result, ce.axis, -1)
-    if ce.V > 1 and work.strides[-1] != work.itemsize:
-        tmp = np.empty(ce.x.shape, dtype=x0.dtype)
-        loss = ce.run(out=tmp)
-        work[...] = tmp
-    else:
-        loss = ce.run(out=work)
+    loss = _into(result, ce.axis, ce.x.shape, lambda buf: ce.run(out=buf))
     return loss, result
+
+
+def _into(out: np.ndarray, axis: int, rows_layout_shape: tuple, fill):
+    """``fill(buf)`` where buf is `out` with the class axis moved last, if that axis has unit
+    stride (the kernel's requirement), else a temporary copied into `out` afterwards."""
+    work = np.moveaxis(out, axis, -1)
+    if rows_layout_shape[-1] <= 1 or work.strides[-1] == work.itemsize:
+        return fill(work)
+    tmp = np.empty(rows_layout_shape, dtype=out.dtype)
+    ret = fill(tmp)
+    work[...] = tmp
+    return ret
 
 
 def _softmax_family(x, axis, out, num_threads, mode, name):
@@ -276,21 +282,19 @@ def _softmax_family(x, axis, out, num_threads, mode, name):
     ax = _class_axis(x0.ndim, axis)
     v = _rows_layout(x0, ax)
     nthreads = resolve_num_threads(num_threads)
+
+    def fill(buf):
+        if v.size:
+            _core.cross_entropy_rows(v, buf, mode, None, None, float(v.shape[-1]), None, -100, 0.0, 0.0, 0.0, 1.0,
+                                     None, None, nthreads)
+
     if out is None:
         res = np.empty(v.shape, dtype=x0.dtype)
-        if v.size:
-            _core.cross_entropy_rows(v, res, mode, None, None, float(v.shape[-1]), None, -100, 0.0, 0.0, 0.0, 1.0,
-                                     None, None, nthreads)
+        fill(res)
         return np.moveaxis(res, -1, ax)
     inputs = {} if out is x else {"x": x0}
     check_grad_out(out, x0.shape, x0.dtype, inputs, name="out", inplace_name="x")
-    work = np.moveaxis(out, ax, -1)
-    target = work if (v.shape[-1] <= 1 or work.strides[-1] == work.itemsize) else np.empty(v.shape, x0.dtype)
-    if v.size:
-        _core.cross_entropy_rows(v, target, mode, None, None, float(v.shape[-1]), None, -100, 0.0, 0.0, 0.0, 1.0,
-                                 None, None, nthreads)
-    if target is not work:
-        work[...] = target
+    _into(out, ax, v.shape, fill)
     return out
 
 
