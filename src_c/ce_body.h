@@ -341,21 +341,39 @@ static inline int64_t ce_row_offset(const fl_ce_job *J, const int64_t *strides, 
     return off;
 }
 
+/* Where part `part` of row r lies, and what its kernels need (shared by both passes). */
+typedef struct {
+    const char *row;          /* the row's logits */
+    int64_t j0, n;            /* first class of the part, number of classes in it */
+    int64_t t_off;            /* target's offset inside the part, or -1 */
+    double cap, inv_cap;      /* softcap (0: off) and its reciprocal */
+} ce_part_view;
+
+static ce_part_view ce_part(const fl_ce_job *J, int64_t r, int64_t part)
+{
+    ce_part_view P;
+    P.row = (const char *)J->logits + ce_row_offset(J, J->logits_strides, r);
+    P.j0 = part * CE_PART;
+    P.n = J->V - P.j0 < CE_PART ? J->V - P.j0 : CE_PART;
+    const int64_t t = J->target ? J->target[r] : -1;
+    P.t_off = (t >= P.j0 && t < P.j0 + P.n) ? t - P.j0 : -1;
+    P.cap = J->softcap;
+    P.inv_cap = P.cap > 0 ? 1.0 / P.cap : 0.0;
+    return P;
+}
+
 static void ce_stats_part(const fl_ce_job *J, int64_t r, int64_t part, ce_stats *st)
 {
-    const char *row = (const char *)J->logits + ce_row_offset(J, J->logits_strides, r);
-    const int64_t j0 = part * CE_PART, n = J->V - j0 < CE_PART ? J->V - j0 : CE_PART;
-    const int64_t t = J->target ? J->target[r] : -1;
-    const int64_t t_off = (t >= j0 && t < j0 + n) ? t - j0 : -1;
+    const ce_part_view P = ce_part(J, r, part);
     const int need_wx = J->target && J->label_smoothing != 0.0;
-    const double *cw = (need_wx && J->class_weight) ? J->class_weight + j0 : NULL;
-    const double cap = J->softcap, ic = cap > 0 ? 1.0 / cap : 0.0;
+    const double *cw = (need_wx && J->class_weight) ? J->class_weight + P.j0 : NULL;
+    const float cf = (float)P.cap, icf = (float)P.inv_cap;
     st->xt = 0.0;
     switch (J->dtype) {
-    case FL_F16: ce_part_stats_f16((const fl_half *)row + j0, n, t_off, need_wx, cw, (float)cap, (float)ic, st); break;
-    case FL_BF16: ce_part_stats_bf16((const fl_bf16 *)row + j0, n, t_off, need_wx, cw, (float)cap, (float)ic, st); break;
-    case FL_F32: ce_part_stats_f32((const float *)row + j0, n, t_off, need_wx, cw, (float)cap, (float)ic, st); break;
-    default: ce_part_stats_f64((const double *)row + j0, n, t_off, need_wx, cw, cap, ic, st); break;
+    case FL_F16: ce_part_stats_f16((const fl_half *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, st); break;
+    case FL_BF16: ce_part_stats_bf16((const fl_bf16 *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, st); break;
+    case FL_F32: ce_part_stats_f32((const float *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, st); break;
+    default: ce_part_stats_f64((const double *)P.row + P.j0, P.n, P.t_off, need_wx, cw, P.cap, P.inv_cap, st); break;
     }
 }
 
@@ -408,23 +426,20 @@ static ce_row ce_finish_row(const fl_ce_job *J, int64_t r, const ce_stats *parts
 
 static void ce_out_part(const fl_ce_job *J, int64_t r, int64_t part, const ce_row *R)
 {
-    const char *row = (const char *)J->logits + ce_row_offset(J, J->logits_strides, r);
+    const ce_part_view P = ce_part(J, r, part);
     char *orow = (char *)J->out + ce_row_offset(J, J->out_strides, r);
-    const int64_t j0 = part * CE_PART, n = J->V - j0 < CE_PART ? J->V - j0 : CE_PART;
     const size_t isz = ce_itemsize(J->dtype);
     if (J->mode == FL_CE_OUT_GRAD && !R->active) {     /* ignored row: zero gradient */
-        memset(orow + j0 * (int64_t)isz, 0, (size_t)n * isz);
+        memset(orow + P.j0 * (int64_t)isz, 0, (size_t)P.n * isz);
         return;
     }
-    const int64_t t = J->target ? J->target[r] : -1;
-    const int64_t t_off = (t >= j0 && t < j0 + n) ? t - j0 : -1;
-    const double *cw = (J->class_weight && J->label_smoothing != 0.0) ? J->class_weight + j0 : NULL;
-    const double cap = J->softcap, ic = cap > 0 ? 1.0 / cap : 0.0;
+    const double *cw = (J->class_weight && J->label_smoothing != 0.0) ? J->class_weight + P.j0 : NULL;
+    const float cf = (float)P.cap, icf = (float)P.inv_cap;
     switch (J->dtype) {
-    case FL_F16: ce_part_out_f16((const fl_half *)row + j0, (fl_half *)orow + j0, n, J->mode, cw, (float)cap, (float)ic, R->M, R->lS, R->A, R->B, t_off, R->D); break;
-    case FL_BF16: ce_part_out_bf16((const fl_bf16 *)row + j0, (fl_bf16 *)orow + j0, n, J->mode, cw, (float)cap, (float)ic, R->M, R->lS, R->A, R->B, t_off, R->D); break;
-    case FL_F32: ce_part_out_f32((const float *)row + j0, (float *)orow + j0, n, J->mode, cw, (float)cap, (float)ic, R->M, R->lS, R->A, R->B, t_off, R->D); break;
-    default: ce_part_out_f64((const double *)row + j0, (double *)orow + j0, n, J->mode, cw, cap, ic, R->M, R->lS, R->A, R->B, t_off, R->D); break;
+    case FL_F16: ce_part_out_f16((const fl_half *)P.row + P.j0, (fl_half *)orow + P.j0, P.n, J->mode, cw, cf, icf, R->M, R->lS, R->A, R->B, P.t_off, R->D); break;
+    case FL_BF16: ce_part_out_bf16((const fl_bf16 *)P.row + P.j0, (fl_bf16 *)orow + P.j0, P.n, J->mode, cw, cf, icf, R->M, R->lS, R->A, R->B, P.t_off, R->D); break;
+    case FL_F32: ce_part_out_f32((const float *)P.row + P.j0, (float *)orow + P.j0, P.n, J->mode, cw, cf, icf, R->M, R->lS, R->A, R->B, P.t_off, R->D); break;
+    default: ce_part_out_f64((const double *)P.row + P.j0, (double *)orow + P.j0, P.n, J->mode, cw, P.cap, P.inv_cap, R->M, R->lS, R->A, R->B, P.t_off, R->D); break;
     }
 }
 
