@@ -13,6 +13,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,prefer-vector-width=512")
 #endif
 #define FL_TABLE_NAME fl_table_avx512
+#define FL_CE_AVX512 1   /* ce_body.h: the float block kernels with intrinsics */
 #include "pointwise_body.h"
 #if defined(__clang__)
 #pragma clang attribute pop
