@@ -155,7 +155,25 @@ static inline double ce_tanh(double z)
 #define CE_ST_f32(v) (v)
 #define CE_ST_f64(v) (v)
 
+#if defined(FL_CE_F16C)
+/* float16 rows with the F16C conversion instruction (exact, like fl_half_to_f32; AVX2 and
+ * AVX-512 builds): 8 values per instruction instead of ~10 integer ops per value. */
+#include <immintrin.h>
+static inline const float *ce_load_f16(const fl_half *src, float *buf, int64_t n, float cap, float inv_cap)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(src + i))));
+    for (; i < n; i++) buf[i] = fl_half_to_f32(src[i]);
+    if (cap > 0) {
+        _Pragma("omp simd")
+        for (i = 0; i < n; i++) buf[i] = cap * ce_tanhf(buf[i] * inv_cap);
+    }
+    return buf;
+}
+#else
 CE_LOADER(f16, fl_half, float, CE_LD_f16, ce_tanhf)
+#endif
 CE_LOADER(bf16, fl_bf16, float, CE_LD_bf16, ce_tanhf)
 CE_LOADER(f32, float, float, CE_LD_f32, ce_tanhf)
 CE_LOADER(f64, double, double, CE_LD_f64, ce_tanh)

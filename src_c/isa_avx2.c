@@ -13,6 +13,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #define FL_TABLE_NAME fl_table_avx2
+#define FL_CE_F16C 1     /* ce_body.h: float16 rows converted with vcvtph2ps */
 #include "pointwise_body.h"
 #if defined(__clang__)
 #pragma clang attribute pop
