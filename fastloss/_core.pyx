@@ -138,7 +138,7 @@ def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, 
         raise ValueError("internal: bad logits rank")
     job.dtype = <fl_dtype>_dtype_code(logits.dtype)
     job.V = logits.shape[logits.ndim - 1]
-    if logits.strides[logits.ndim - 1] != logits.itemsize:
+    if job.V > 1 and logits.strides[logits.ndim - 1] != logits.itemsize:   # (V = 1: never stepped)
         raise ValueError("internal: the class axis must have unit stride")
     job.row_ndim = logits.ndim - 1
     n_rows = 1
@@ -150,7 +150,8 @@ def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, 
     job.mode = CE_MODES[mode]
     if out is not None:
         o = out
-        if o.dtype != logits.dtype or o.ndim != logits.ndim or o.strides[o.ndim - 1] != o.itemsize \
+        if o.dtype != logits.dtype or o.ndim != logits.ndim \
+                or (job.V > 1 and o.strides[o.ndim - 1] != o.itemsize) \
                 or not o.flags.writeable:
             raise ValueError("internal: bad output array")
         for d in range(job.row_ndim):

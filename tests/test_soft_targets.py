@@ -566,6 +566,21 @@ def test_empty_rows(dtype_name):
     assert np.isnan(loss) and grad.shape == (0, 6) and grad.dtype == x.dtype
 
 
+@pytest.mark.parametrize("soft", [True, False], ids=["probabilities", "class_indices"])
+def test_one_class_on_a_leading_axis(soft, rng):
+    """V = 1 on axis 0 (its stride is not the itemsize: the kernel never steps along it):
+    loss z lse**2 = z x**2 with probabilities 1, gradient 2 z x; was an internal error."""
+    x = _logits(rng, (1, 5), np.float64)
+    t = np.ones((1, 5)) if soft else np.zeros(5, np.int64)
+    loss, grad = fastloss.cross_entropy_with_grad(x, t, axis=0, z_loss=0.1, reduction="none")
+    assert_close(loss, reference.cross_entropy(x, t, axis=0, z_loss=0.1, reduction="none"), rtol=1e-12)
+    assert_close(grad, reference.cross_entropy_grad(x, t, axis=0, z_loss=0.1, reduction="none"), rtol=1e-12)
+    assert_close(loss, 0.1 * x[0] ** 2, rtol=1e-12, what="z x**2")
+    out = np.empty_like(x)
+    fastloss.cross_entropy_with_grad(x, t, axis=0, z_loss=0.1, grad_out=out)
+    assert_close(out, reference.cross_entropy_grad(x, t, axis=0, z_loss=0.1), rtol=1e-12, what="grad_out")
+
+
 def test_mean_divides_by_the_rows_not_the_class_weights(rng):
     """torch's rule for probabilities: "mean" = sum of the rows / number of rows (here: / sum of
     the sample weights), whatever the class weights."""
