@@ -63,6 +63,9 @@ cdef extern from "fastloss.h" nogil:
         void *out
         int mode
         const int64_t *target
+        const void *soft_target
+        fl_dtype soft_dtype
+        int64_t soft_strides[64]
         const double *class_weight
         double weight_sum
         const double *sample_weight

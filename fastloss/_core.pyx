@@ -117,25 +117,28 @@ CE_MODES = {"none": FL_CE_OUT_NONE, "grad": FL_CE_OUT_GRAD, "log_softmax": FL_CE
 def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, object class_weight,
                        double weight_sum, object sample_weight, long long ignore_index,
                        double label_smoothing, double z_loss, double softcap, double grad_scale,
-                       object row_loss, object row_lse, int nthreads):
+                       object row_loss, object row_lse, int nthreads, object soft_target=None):
     """Run the row kernel (see fl_ce_job in src_c/fastloss.h).
 
     logits: (rows..., V) with a unit-stride last axis.  out: same shape and dtype, or None.
     target: int64 C-contiguous array of the row shape, or None.  class_weight (V,),
     sample_weight (rows), row_loss (rows), row_lse (rows): float64 C-contiguous or None.
+    soft_target (instead of target): class probabilities of the logits' shape with a
+    unit-stride last axis, in the logits' dtype or their compute type (float32; float64 for
+    float64 logits), or None.
     Returns None, or raises IndexError(row) for a target out of range.
     """
     cdef fl_ce_job job
     cdef int d, status
     cdef int64_t bad = -1
-    cdef cnp.ndarray o, tg, cw, sw, rl, rs, scratch
+    cdef cnp.ndarray o, tg, cw, sw, rl, rs, scratch, q
     cdef int64_t n_rows
     memset(&job, 0, sizeof(job))
     if logits.ndim < 1 or logits.ndim - 1 > FL_MAX_NDIM:
         raise ValueError("internal: bad logits rank")
     job.dtype = <fl_dtype>_dtype_code(logits.dtype)
     job.V = logits.shape[logits.ndim - 1]
-    if logits.strides[logits.ndim - 1] != logits.itemsize:
+    if job.V > 1 and logits.strides[logits.ndim - 1] != logits.itemsize:   # (V = 1: never stepped)
         raise ValueError("internal: the class axis must have unit stride")
     job.row_ndim = logits.ndim - 1
     n_rows = 1
@@ -147,7 +150,8 @@ def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, 
     job.mode = CE_MODES[mode]
     if out is not None:
         o = out
-        if o.dtype != logits.dtype or o.ndim != logits.ndim or o.strides[o.ndim - 1] != o.itemsize \
+        if o.dtype != logits.dtype or o.ndim != logits.ndim \
+                or (job.V > 1 and o.strides[o.ndim - 1] != o.itemsize) \
                 or not o.flags.writeable:
             raise ValueError("internal: bad output array")
         for d in range(job.row_ndim):
@@ -160,6 +164,21 @@ def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, 
         if tg.dtype != np.int64 or not tg.flags.c_contiguous or tg.size != n_rows:
             raise ValueError("internal: bad target array")
         job.target = <const int64_t *>cnp.PyArray_DATA(tg)
+    if soft_target is not None:
+        q = soft_target
+        if target is not None:
+            raise ValueError("internal: target and soft_target are exclusive")
+        if q.ndim != logits.ndim or q.shape[q.ndim - 1] != job.V \
+                or (job.V > 1 and q.strides[q.ndim - 1] != q.itemsize):
+            raise ValueError("internal: bad soft target layout")
+        if q.dtype != logits.dtype and q.dtype != (np.float64 if job.dtype == FL_F64 else np.float32):
+            raise ValueError("internal: bad soft target dtype")
+        for d in range(job.row_ndim):
+            if q.shape[d] != logits.shape[d]:
+                raise ValueError("internal: soft target shape differs")
+            job.soft_strides[d] = q.strides[d]
+        job.soft_dtype = <fl_dtype>_dtype_code(q.dtype)
+        job.soft_target = cnp.PyArray_DATA(q)
     if class_weight is not None:
         cw = class_weight
         if cw.dtype != np.float64 or not cw.flags.c_contiguous or cw.size != job.V:

@@ -17,8 +17,15 @@ with NumPy arrays and these documented choices and extensions:
 * the loss is float64 for float64 logits and float32 otherwise (never rounded to
   float16/bfloat16); the gradient has the logits' dtype.
 * rows whose target is ``ignore_index`` have loss 0 and gradient 0 (whatever their logits).
-* soft targets (class probabilities) are not implemented yet: they raise
-  ``NotImplementedError``.
+* soft targets: a float ``target`` of the logits' shape holds class probabilities (torch's
+  "probabilities" form; label smoothing mixes them with the uniform distribution).  Rows are
+  used as given: negative entries or rows that do not sum to 1 are not checked (as torch);
+  a NaN in a row makes that row's loss and gradient NaN.  ``"mean"`` divides by the number
+  of rows (the sum of the sample weights), as torch, not by a sum of class weights;
+  ``z_loss`` is weighted by the sample weight only; ``ignore_index >= 0`` is a ValueError
+  (as torch).  A target in the logits' dtype is read in place (any row strides, class axis
+  contiguous); another dtype is converted once to float32 (float64 for float64 logits).
+  ``nll_loss`` and ``perplexity`` take class indices only.
 """
 from __future__ import annotations
 
@@ -73,13 +80,44 @@ def _check_options(label_smoothing, z_loss, softcap):
     return ls, z, cap
 
 
-def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: int, ignore_index: int):
+def _is_float_dtype(dt: np.dtype) -> bool:
+    return dt.kind == "f" or (dt.name == "bfloat16" and dt.itemsize == 2)
+
+
+def _soft_target(target, x0: np.ndarray, x: np.ndarray, axis: int, ignore_index: int):
+    """Class probabilities laid out like the rows `x` (class axis last, unit stride), or None
+    if `target` is not a float array of the logits' shape (then it holds class indices).
+
+    Kept without a copy when its dtype is the logits' (any strides on the other axes); else
+    converted to the kernel's compute type, float32 (float64 for float64 logits)."""
+    if target is None or isinstance(target, (str, bytes, dict, set)):
+        return None
+    t = target if isinstance(target, np.ndarray) else np.asarray(target)
+    if t.shape != x0.shape or not _is_float_dtype(t.dtype):
+        return None
+    t = as_float_array(t, "target")
+    if ignore_index >= 0:
+        raise ValueError(f"ignore_index={ignore_index} is not supported with class-probability targets (a float "
+                         f"target of the logits' shape); use a negative ignore_index")
+    q = np.moveaxis(t, axis, -1)
+    compute = np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+    if q.dtype != x.dtype and q.dtype != compute:
+        return np.ascontiguousarray(q, dtype=compute)
+    if q.shape[-1] > 1 and q.strides[-1] != q.itemsize:
+        q = np.ascontiguousarray(q)
+    return q
+
+
+def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: int, ignore_index: int,
+                 func: str = "cross_entropy"):
     """The class-index target as a C-contiguous int64 array in row order, validated."""
     if target is None or isinstance(target, (str, bytes, dict)):
         raise TypeError(f"target must be an array of class indices, got {type(target).__name__}")
     t = np.asarray(target)
-    if t.dtype.kind == "f" and t.shape == logits_shape:
-        raise NotImplementedError("soft targets (class probabilities) are not implemented yet")
+    if _is_float_dtype(t.dtype) and t.shape == logits_shape:   # cross_entropy takes these before
+        raise ValueError(f"{func} takes class indices (an integer target of shape {rows_shape}); class "
+                         f"probabilities (a float target of the logits' shape {logits_shape}) are supported by "
+                         f"cross_entropy only")
     if t.dtype.kind not in "iuf":
         raise TypeError(f"target must hold integer class indices (or be soft probabilities of the logits' "
                         f"shape), got dtype {t.dtype}")
@@ -147,14 +185,19 @@ class _CE:
         self.ignore_index = int(ignore_index)
         self.reduction = check_reduction(reduction)
         self.ls, self.z, self.cap = _check_options(label_smoothing, z_loss, softcap)
-        self.t = _hard_target(target, x0.shape, self.axis, self.rows_shape, self.V, self.ignore_index)
+        self.q = _soft_target(target, x0, self.x, self.axis, self.ignore_index)
+        self.t = None if self.q is not None else _hard_target(target, x0.shape, self.axis, self.rows_shape, self.V,
+                                                              self.ignore_index)
         self.cw, self.sw = _weights(weight, sample_weight, self.V, self.rows_shape)
         self.nthreads = resolve_num_threads(num_threads)
-        active = self.t != self.ignore_index
-        w_rows = np.where(active, self.cw[np.where(active, self.t, 0)] if self.cw is not None else 1.0, 0.0)
-        if self.sw is not None:
-            w_rows = w_rows * self.sw
-        self.denominator = float(np.sum(w_rows))
+        if self.q is not None:          # torch: the mean over rows (here: over sample weights)
+            self.denominator = float(np.sum(self.sw)) if self.sw is not None else float(math.prod(self.rows_shape))
+        else:
+            active = self.t != self.ignore_index
+            w_rows = np.where(active, self.cw[np.where(active, self.t, 0)] if self.cw is not None else 1.0, 0.0)
+            if self.sw is not None:
+                w_rows = w_rows * self.sw
+            self.denominator = float(np.sum(w_rows))
         self.loss_dtype = _loss_dtype(self.x)
 
     def run(self, out=None):
@@ -166,7 +209,7 @@ class _CE:
             _core.cross_entropy_rows(
                 self.x, out, "none" if out is None else "grad", self.t, self.cw,
                 float(self.cw.sum()) if self.cw is not None else float(self.V), self.sw, self.ignore_index,
-                self.ls, self.z, self.cap, scale, row_loss, None, self.nthreads)
+                self.ls, self.z, self.cap, scale, row_loss, None, self.nthreads, self.q)
         return self._reduce(row_loss)
 
     def _reduce(self, row_loss):
@@ -181,10 +224,12 @@ class _CE:
 
 def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, z_loss=0.0, softcap=None, axis=-1, num_threads=None):
-    """Cross-entropy of logits against class indices, ``torch.nn.functional.cross_entropy``.
+    """Cross-entropy of logits against class indices or class probabilities,
+    ``torch.nn.functional.cross_entropy``.
 
-    Per row (classes on ``axis``), with lse = log sum_j exp(x_j), eps = label_smoothing,
-    w = class weights (W their sum), s = sample weight::
+    Per row (classes on ``axis``), with x the logits (``softcap * tanh(logits / softcap)`` with
+    a softcap), lse = log sum_j exp(x_j), eps = label_smoothing, w = class weights (W their sum),
+    s = sample weight, and a class index t::
 
         loss = s * ((1 - eps) * w[t] * (lse - x[t]) + eps * (W * lse - sum_j w[j] x[j]) / V)
                + z_loss * s * w[t] * lse**2
@@ -192,13 +237,24 @@ def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_ind
     ``"mean"`` divides the sum over non-ignored rows by sum(s * w[t]) over those rows (nan if
     there are none); ``"sum"`` sums; ``"none"`` returns the per-row losses (0 for ignored rows).
 
+    With class probabilities q (a float target of the logits' shape; q' = (1 - eps) q + eps / V)::
+
+        loss = s * (sum_j w[j] q'[j] (lse - x[j]) + z_loss * lse**2)
+
+    and ``"mean"`` divides by sum(s) (the number of rows without sample weights), as torch.
+
     Parameters
     ----------
     logits : array_like, shape (..., V) (classes on ``axis``)
         float16, float32, float64 or bfloat16; computed in float32 (float64 for float64)
         without an upcast copy, one read of each row.
-    target : integer array, shape = logits' shape without the class axis
-        Class indices in [0, V), or ``ignore_index``.  Out of range -> IndexError.
+    target : integer array of the logits' shape without the class axis, or float array of the
+        logits' shape
+        Class indices in [0, V), or ``ignore_index`` (out of range -> IndexError); or class
+        probabilities (float16, float32, float64 or bfloat16; read in place in the logits'
+        dtype, else converted once to float32, float64 for float64 logits).  Probabilities are
+        not checked (negative entries or rows not summing to 1 are used as given, as torch);
+        a NaN makes its row NaN.  ``ignore_index >= 0`` with probabilities -> ValueError.
     weight : array_like (V,), optional
         Per-class weights.
     sample_weight : array_like, broadcastable to the rows' shape, optional
@@ -223,6 +279,8 @@ def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_ind
     >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
     >>> fastloss.cross_entropy(logits, np.array([0, 2]))
     np.float64(0.6699617926626334)
+    >>> fastloss.cross_entropy(logits, np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]), reduction="none")
+    array([0.2413113 , 1.09861229])
     """
     return _CE(logits, target, weight, sample_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                axis, num_threads).run()
@@ -235,7 +293,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, sample_weight=None, 
 
     ``grad`` (the logits' shape and dtype) is the gradient of ``loss.sum()``: per row
     ``s * (p * ((1 - eps) w[t] + eps W / V + 2 z w[t] lse) - eps w / V - (1 - eps) w[t] onehot(t))``
-    (times ``1 - tanh(x / c)**2`` with softcap), divided by the mean's denominator for
+    for a class index t, ``s * (p * (sum_j w[j] q'[j] + 2 z lse) - w q')`` for class
+    probabilities q (q' = (1 - eps) q + eps / V), with p = softmax(x) (times
+    ``1 - tanh(logits / c)**2`` with softcap), divided by the mean's denominator for
     ``"mean"``; 0 for ignored rows.  Each row is read for its statistics and then read and
     written for the gradient while it is still in cache; no other N x V array is made.
 
@@ -246,6 +306,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, sample_weight=None, 
     >>> loss, grad = fastloss.cross_entropy_with_grad(np.zeros((1, 4)), np.array([1]))
     >>> grad
     array([[ 0.25, -0.75,  0.25,  0.25]])
+    >>> loss, grad = fastloss.cross_entropy_with_grad(np.zeros((1, 4)), np.array([[0.0, 0.5, 0.5, 0.0]]))
+    >>> grad
+    array([[ 0.25, -0.25, -0.25,  0.25]])
     """
     ce = _CE(logits, target, weight, sample_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
              axis, num_threads)
@@ -366,7 +429,7 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
     reduction = check_reduction(reduction)
     resolve_num_threads(num_threads)          # validated; the gather is O(rows)
     rows_shape = x0.shape[:-1]
-    t = _hard_target(target, x0.shape, x0.ndim - 1, rows_shape, V, int(ignore_index))
+    t = _hard_target(target, x0.shape, x0.ndim - 1, rows_shape, V, int(ignore_index), func="nll_loss")
     cw, _ = _weights(weight, None, V, rows_shape)
     active = t != ignore_index
     safe_t = np.where(active, t, 0)
@@ -385,12 +448,18 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
 
 
 def perplexity(logits, target, *, ignore_index=-100, num_threads=None):
-    """``exp`` of the mean cross-entropy over the non-ignored tokens.
+    """``exp`` of the mean cross-entropy over the non-ignored tokens (class-index targets only).
 
     >>> import numpy as np, fastloss
     >>> fastloss.perplexity(np.zeros((3, 10)), np.array([1, 2, 3]))
     np.float64(10.000000000000002)
     """
+    if target is not None and not isinstance(target, (str, bytes, dict, set)):
+        t = target if isinstance(target, np.ndarray) else np.asarray(target)
+        if _is_float_dtype(t.dtype) and t.shape == np.shape(logits):
+            raise ValueError(f"perplexity takes class indices (an integer target of the logits' shape without the "
+                             f"class axis); class probabilities (a float target of the logits' shape {t.shape}) are "
+                             f"supported by cross_entropy only")
     ce = cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean", num_threads=num_threads)
     with np.errstate(over="ignore"):
         return type(ce)(np.exp(np.float64(ce)))

@@ -559,7 +559,8 @@ def _ce_inputs(logits, target, weight, sample_weight, ignore_index, axis,
     t = np.asarray(target)
     probs = y = valid = None
     if t.shape == x0.shape and soft_ok:        # class probabilities
-        if not np.issubdtype(t.dtype, np.floating):
+        # floating, including ml_dtypes' bfloat16 (not an np.floating subtype)
+        if not (np.issubdtype(t.dtype, np.floating) or t.dtype.name == "bfloat16"):
             raise TypeError(
                 f"target has the shape of {name} {x0.shape}, so it holds "
                 f"class probabilities and must be floating point, got "

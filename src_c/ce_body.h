@@ -15,6 +15,10 @@
  *           smoothing, z = z-loss scale; torch's formula for weights with label smoothing)
  *   dloss/dx_j = sw { p_j [(1 - eps) w_t + eps W / V + 2 z w_t lse] - eps w_j / V
  *                     - (1 - eps) w_t [j == t] } * (1 - tanh^2(x_j / c) if softcapped),  p = softmax(x)
+ * Soft targets (a row q of class probabilities instead of t; q' = (1 - eps) q + eps / V,
+ * Q = sum_j w_j q'_j, QX = sum_j w_j q'_j x_j, both accumulated in double in the stats pass):
+ *   loss  = sw [ lse Q - QX + z lse^2 ]             (= sw [sum_j w_j q'_j (lse - x_j) + z lse^2])
+ *   dloss/dx_j = sw { p_j (Q + 2 z lse) - w_j q'_j } * (1 - tanh^2(x_j / c) if softcapped)
  *
  * Design
  * ------
@@ -188,10 +192,14 @@ static inline void ce_prefetch_next(const void *next, int64_t remaining, size_t 
 }
 
 /* Statistics of one part: max, sum exp(x - max), sum w_j x_j (w = 1 without class weights),
- * and the target logit if the target falls in this part. */
+ * and the target logit if the target falls in this part; with soft targets instead of the
+ * last two, sum w_j q'_j and sum w_j q'_j x_j. */
 typedef struct {
     double max, sumexp, wx, xt;
+    double wq, wqx;             /* soft targets only */
 } ce_stats;
+/* the few-long-rows path keeps FL_CE_STATS_DOUBLES doubles per part in the scratch */
+typedef char ce_stats_size_check[sizeof(ce_stats) == FL_CE_STATS_DOUBLES * sizeof(double) ? 1 : -1];
 
 /* Merge (m2, s2) into (m1, s1): the max, and the sums rescaled to it.  -inf maxima (all
  * entries -inf) contribute nothing; NaN propagates. */
@@ -495,6 +503,156 @@ CE_PART_OUT(bf16, fl_bf16, float, ce_expf, ce_tanhf)
 CE_PART_OUT(f32, float, float, ce_expf, ce_tanhf)
 CE_PART_OUT(f64, double, double, ce_exp, ce_tanh)
 
+/* ---- soft targets: a row q of class probabilities ---------------------------------------- */
+
+/* A block of q as compute-type values: in place when q is stored in the compute type (always
+ * for float32 / float64 logits), else converted from the logits' 16-bit format (exact). */
+#define CE_QLOADER(DT, T, R, LD)                                                               \
+    static inline const R *ce_load_q_##DT(const void *q, int q_is_compute, R *buf, int64_t n)  \
+    {                                                                                          \
+        if (q_is_compute || sizeof(T) == sizeof(R)) return (const R *)q;                      \
+        const T *src = (const T *)q;                                                           \
+        _Pragma("omp simd")                                                                    \
+        for (int64_t i = 0; i < n; i++) buf[i] = (R)LD(src[i]);                                \
+        return buf;                                                                            \
+    }
+
+CE_QLOADER(f16, fl_half, float, CE_LD_f16)
+CE_QLOADER(bf16, fl_bf16, float, CE_LD_bf16)
+CE_QLOADER(f32, float, float, CE_LD_f32)
+CE_QLOADER(f64, double, double, CE_LD_f64)
+
+/* sum_j w_j q'_j and sum_j w_j q'_j v_j of one block, in double: q'_j = keep q_j + add
+ * (keep = 1 - eps, add = eps / V), w_j = cw[j] or 1.  Double because the loss is the
+ * difference lse Q - QX of two sums of the size of the logits.  As the reference, a -inf
+ * logit whose w q' is 0 gives 0 * -inf = NaN (torch too).  Non-inlined, as ce_block_maxsum. */
+#define CE_BLOCK_SOFT_SUMS(DT, R)                                                              \
+    static __attribute__((noinline)) void ce_block_soft_sums_##DT(const R *v, const R *q,     \
+                                                                  int64_t nb, const double *cw, \
+                                                                  double keep, double add,     \
+                                                                  double *wq_out, double *wqx_out) \
+    {                                                                                          \
+        double wq = 0.0, wqx = 0.0;                                                            \
+        if (cw) {                                                                              \
+            _Pragma("omp simd reduction(+:wq, wqx)")                                           \
+            for (int64_t i = 0; i < nb; i++) {                                                 \
+                const double t = cw[i] * (keep * (double)q[i] + add);                          \
+                wq += t;                                                                       \
+                wqx += t * (double)v[i];                                                       \
+            }                                                                                  \
+        } else {                                                                               \
+            _Pragma("omp simd reduction(+:wq, wqx)")                                           \
+            for (int64_t i = 0; i < nb; i++) {                                                 \
+                const double t = keep * (double)q[i] + add;                                    \
+                wq += t;                                                                       \
+                wqx += t * (double)v[i];                                                       \
+            }                                                                                  \
+        }                                                                                      \
+        *wq_out = wq;                                                                          \
+        *wqx_out = wqx;                                                                        \
+    }
+
+CE_BLOCK_SOFT_SUMS(f32, float)
+CE_BLOCK_SOFT_SUMS(f64, double)
+#define ce_block_soft_sums_f16 ce_block_soft_sums_f32
+#define ce_block_soft_sums_bf16 ce_block_soft_sums_f32
+
+/* Statistics of one part with soft targets: (max, sumexp) as ce_part_stats, and per block the
+ * double sums above; q is read block by block beside x. */
+#define CE_PART_STATS_SOFT(DT, T, R)                                                           \
+    static void ce_part_stats_soft_##DT(const T *x, const void *q, int q_is_compute, int64_t n, \
+                                        const double *cw, double keep, double add, R cap,     \
+                                        R inv_cap, ce_stats *st)                               \
+    {                                                                                          \
+        R buf[CE_BLOCK], qbuf[CE_BLOCK];                                                       \
+        const size_t qsz = q_is_compute ? sizeof(R) : sizeof(T);                               \
+        double M = -INFINITY, S = 0.0, WQ = 0.0, WQX = 0.0;                                    \
+        for (int64_t b = 0; b < n; b += CE_BLOCK) {                                            \
+            const int64_t nb = n - b < CE_BLOCK ? n - b : CE_BLOCK;                            \
+            const char *qb = (const char *)q + b * (int64_t)qsz;                               \
+            ce_prefetch_next(x + b + nb, n - b - nb, sizeof(T));                               \
+            ce_prefetch_next(qb + nb * (int64_t)qsz, n - b - nb, qsz);                         \
+            const R *v = ce_load_##DT(x + b, buf, nb, cap, inv_cap);                           \
+            const R *qv = ce_load_q_##DT(qb, q_is_compute, qbuf, nb);                          \
+            R m, s;                                                                            \
+            double wq, wqx;                                                                    \
+            ce_block_maxsum_##DT(v, nb, &m, &s);                                               \
+            ce_block_soft_sums_##DT(v, qv, nb, cw ? cw + b : NULL, keep, add, &wq, &wqx);      \
+            WQ += wq;                                                                          \
+            WQX += wqx;                                                                        \
+            ce_merge(&M, &S, (double)m, (double)s);                                            \
+        }                                                                                      \
+        st->max = M;                                                                           \
+        st->sumexp = S;                                                                        \
+        st->wx = 0.0;                                                                          \
+        st->xt = 0.0;                                                                          \
+        st->wq = WQ;                                                                           \
+        st->wqx = WQX;                                                                         \
+    }
+
+CE_PART_STATS_SOFT(f16, fl_half, float)
+CE_PART_STATS_SOFT(bf16, fl_bf16, float)
+CE_PART_STATS_SOFT(f32, float, float)
+CE_PART_STATS_SOFT(f64, double, double)
+
+/* Gradient of one block with soft targets (non-inlined, as ce_block_out):
+ * o_j = (a p_j + (bb + c q_j) w_j) cap'_j, p_j = exp((v_j - M) - lS), w_j = cw[j] or 1;
+ * with a = G (Q + 2 z lse), bb = -G eps / V, c = -G (1 - eps): w_j (bb + c q_j) = -G w_j q'_j.
+ * o may be the logits (in place; v[i] is read before o[i] is written), never q. */
+#define CE_BLOCK_OUT_SOFT(DT, T, R, EXP)                                                        \
+    static __attribute__((noinline)) void ce_block_out_soft_##DT(const R *v, const R *q, T *o,  \
+                                                                 int64_t nb, const double *cw,  \
+                                                                 R cap, R inv_cap, R M, R lS,   \
+                                                                 R a, R bb, R c)                \
+    {                                                                                           \
+        if (cap > 0) {                                                                          \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++) {                                                  \
+                R w = cw ? (R)cw[i] : (R)1;                                                     \
+                R th = v[i] * inv_cap;            /* tanh(x / c), from the capped value */      \
+                o[i] = CE_ST_##DT((a * EXP((v[i] - M) - lS) + (bb + c * q[i]) * w) * ((R)1 - th * th)); \
+            }                                                                                   \
+        } else if (cw) {                                                                        \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++)                                                    \
+                o[i] = CE_ST_##DT(a * EXP((v[i] - M) - lS) + (bb + c * q[i]) * (R)cw[i]);       \
+        } else {                                                                                \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++)                                                    \
+                o[i] = CE_ST_##DT(a * EXP((v[i] - M) - lS) + (bb + c * q[i]));                  \
+        }                                                                                       \
+    }
+
+CE_BLOCK_OUT_SOFT(f16, fl_half, float, ce_expf)
+CE_BLOCK_OUT_SOFT(bf16, fl_bf16, float, ce_expf)
+CE_BLOCK_OUT_SOFT(f32, float, float, ce_expf)
+CE_BLOCK_OUT_SOFT(f64, double, double, ce_exp)
+
+/* Gradient pass over one part with soft targets, block by block. */
+#define CE_PART_OUT_SOFT(DT, T, R)                                                              \
+    static void ce_part_out_soft_##DT(const T *x, const void *q, int q_is_compute, T *out,      \
+                                      int64_t n, const double *cw, R cap, R inv_cap, double M_, \
+                                      double lS_, double A, double B, double C)                 \
+    {                                                                                           \
+        R buf[CE_BLOCK], qbuf[CE_BLOCK];                                                        \
+        const size_t qsz = q_is_compute ? sizeof(R) : sizeof(T);                                \
+        const R M = (R)M_, lS = (R)lS_, a = (R)A, bb = (R)B, c = (R)C;                          \
+        for (int64_t b = 0; b < n; b += CE_BLOCK) {                                             \
+            const int64_t nb = n - b < CE_BLOCK ? n - b : CE_BLOCK;                             \
+            const char *qb = (const char *)q + b * (int64_t)qsz;                                \
+            ce_prefetch_next(x + b + nb, n - b - nb, sizeof(T));                                \
+            ce_prefetch_next(qb + nb * (int64_t)qsz, n - b - nb, qsz);                          \
+            const R *v = ce_load_##DT(x + b, buf, nb, cap, inv_cap);                            \
+            const R *qv = ce_load_q_##DT(qb, q_is_compute, qbuf, nb);                           \
+            ce_block_out_soft_##DT(v, qv, out + b, nb, cw ? cw + b : NULL, cap, inv_cap, M, lS, a, bb, c); \
+        }                                                                                       \
+    }
+
+CE_PART_OUT_SOFT(f16, fl_half, float)
+CE_PART_OUT_SOFT(bf16, fl_bf16, float)
+CE_PART_OUT_SOFT(f32, float, float)
+CE_PART_OUT_SOFT(f64, double, double)
+
 /* ---- driver ------------------------------------------------------------------------------ */
 
 static size_t ce_itemsize(fl_dtype dt) { return dt == FL_F64 ? 8 : (dt == FL_F32 ? 4 : 2); }
@@ -532,8 +690,47 @@ static ce_part_view ce_part(const fl_ce_job *J, int64_t r, int64_t part)
     return P;
 }
 
+/* Soft targets: row r's q (its class axis contiguous) and whether it is stored in the
+ * compute type (else in the logits' 16-bit format). */
+static inline const char *ce_soft_row(const fl_ce_job *J, int64_t r)
+{
+    return (const char *)J->soft_target + ce_row_offset(J, J->soft_strides, r);
+}
+
+static inline int ce_soft_is_compute(const fl_ce_job *J)
+{
+    return J->soft_dtype == (J->dtype == FL_F64 ? FL_F64 : FL_F32);
+}
+
+/* part `part` of row r's q */
+static inline const char *ce_soft_part(const fl_ce_job *J, int64_t r, int64_t j0)
+{
+    const size_t qsz = ce_soft_is_compute(J) ? (J->dtype == FL_F64 ? 8 : 4) : ce_itemsize(J->dtype);
+    return ce_soft_row(J, r) + j0 * (int64_t)qsz;
+}
+
+static void ce_stats_part_soft(const fl_ce_job *J, int64_t r, int64_t part, ce_stats *st)
+{
+    const ce_part_view P = ce_part(J, r, part);
+    const int qc = ce_soft_is_compute(J);
+    const char *q = ce_soft_part(J, r, P.j0);
+    const double *cw = J->class_weight ? J->class_weight + P.j0 : NULL;
+    const double keep = 1.0 - J->label_smoothing, add = J->label_smoothing / (double)J->V;
+    const float cf = (float)P.cap, icf = (float)P.inv_cap;
+    switch (J->dtype) {
+    case FL_F16: ce_part_stats_soft_f16((const fl_half *)P.row + P.j0, q, qc, P.n, cw, keep, add, cf, icf, st); break;
+    case FL_BF16: ce_part_stats_soft_bf16((const fl_bf16 *)P.row + P.j0, q, qc, P.n, cw, keep, add, cf, icf, st); break;
+    case FL_F32: ce_part_stats_soft_f32((const float *)P.row + P.j0, q, qc, P.n, cw, keep, add, cf, icf, st); break;
+    default: ce_part_stats_soft_f64((const double *)P.row + P.j0, q, qc, P.n, cw, keep, add, P.cap, P.inv_cap, st); break;
+    }
+}
+
 static void ce_stats_part(const fl_ce_job *J, int64_t r, int64_t part, ce_stats *st)
 {
+    if (J->soft_target) {
+        ce_stats_part_soft(J, r, part, st);
+        return;
+    }
     const ce_part_view P = ce_part(J, r, part);
     const int need_wx = J->target && J->label_smoothing != 0.0;
     const double *cw = (need_wx && J->class_weight) ? J->class_weight + P.j0 : NULL;
@@ -572,6 +769,23 @@ static ce_row ce_finish_row(const fl_ce_job *J, int64_t r, const ce_stats *parts
     R.lS = log(S);
     if (M == INFINITY) R.lse = NAN;
     if (J->mode != FL_CE_OUT_GRAD && !J->row_loss) return R;
+    if (J->soft_target) {                     /* Q = sum w q', QX = sum w q' x: see the top */
+        double Q = 0.0, QX = 0.0;
+        for (int64_t k = 0; k < nparts; k++) {
+            Q += parts[k].wq;
+            QX += parts[k].wqx;
+        }
+        const double eps = J->label_smoothing;
+        const double sw = J->sample_weight ? J->sample_weight[r] : 1.0;
+        double loss = R.lse * Q - QX;
+        if (J->z_loss != 0.0) loss += J->z_loss * R.lse * R.lse;
+        if (J->row_loss) J->row_loss[r] = sw * loss;
+        const double G = J->grad_scale * sw;
+        R.A = G * (Q + 2.0 * J->z_loss * R.lse);
+        R.B = -G * eps / (double)J->V;
+        R.D = -G * (1.0 - eps);                   /* ce_out_part_soft: w_j (B + D q_j) = -G w_j q'_j */
+        return R;
+    }
     if (!J->target) return R;
     if (t == J->ignore_index) {
         R.active = 0;
@@ -594,8 +808,28 @@ static ce_row ce_finish_row(const fl_ce_job *J, int64_t r, const ce_stats *parts
     return R;
 }
 
+static void ce_out_part_soft(const fl_ce_job *J, int64_t r, int64_t part, const ce_row *R)
+{
+    const ce_part_view P = ce_part(J, r, part);
+    char *orow = (char *)J->out + ce_row_offset(J, J->out_strides, r);
+    const int qc = ce_soft_is_compute(J);
+    const char *q = ce_soft_part(J, r, P.j0);
+    const double *cw = J->class_weight ? J->class_weight + P.j0 : NULL;
+    const float cf = (float)P.cap, icf = (float)P.inv_cap;
+    switch (J->dtype) {
+    case FL_F16: ce_part_out_soft_f16((const fl_half *)P.row + P.j0, q, qc, (fl_half *)orow + P.j0, P.n, cw, cf, icf, R->M, R->lS, R->A, R->B, R->D); break;
+    case FL_BF16: ce_part_out_soft_bf16((const fl_bf16 *)P.row + P.j0, q, qc, (fl_bf16 *)orow + P.j0, P.n, cw, cf, icf, R->M, R->lS, R->A, R->B, R->D); break;
+    case FL_F32: ce_part_out_soft_f32((const float *)P.row + P.j0, q, qc, (float *)orow + P.j0, P.n, cw, cf, icf, R->M, R->lS, R->A, R->B, R->D); break;
+    default: ce_part_out_soft_f64((const double *)P.row + P.j0, q, qc, (double *)orow + P.j0, P.n, cw, P.cap, P.inv_cap, R->M, R->lS, R->A, R->B, R->D); break;
+    }
+}
+
 static void ce_out_part(const fl_ce_job *J, int64_t r, int64_t part, const ce_row *R)
 {
+    if (J->soft_target && J->mode == FL_CE_OUT_GRAD) {
+        ce_out_part_soft(J, r, part, R);
+        return;
+    }
     const ce_part_view P = ce_part(J, r, part);
     char *orow = (char *)J->out + ce_row_offset(J, J->out_strides, r);
     const size_t isz = ce_itemsize(J->dtype);
@@ -618,6 +852,10 @@ static int ce_run(const fl_ce_job *J, int nthreads)
     if (J->V < 1 || J->row_ndim < 0 || J->row_ndim > FL_MAX_NDIM) return FL_ERR_ARG;
     if ((int)J->dtype < 0 || J->dtype >= FL_NDTYPES) return FL_ERR_DTYPE;
     if (J->mode != FL_CE_OUT_NONE && !J->out) return FL_ERR_ARG;
+    if (J->soft_target) {                     /* q in the logits' dtype or their compute type */
+        if (J->target) return FL_ERR_ARG;
+        if (J->soft_dtype != J->dtype && !ce_soft_is_compute(J)) return FL_ERR_DTYPE;
+    }
     int64_t n_rows = 1;
     for (int d = 0; d < J->row_ndim; d++) n_rows *= J->row_shape[d];
     if (n_rows == 0) return FL_OK;
@@ -653,7 +891,7 @@ static int ce_run(const fl_ce_job *J, int nthreads)
     /* few long rows: parts across threads (stats), merge per row, parts across threads (output) */
     if (!J->scratch) return FL_ERR_ARG;
     ce_stats *st = (ce_stats *)(void *)J->scratch;
-    ce_row *rows = (ce_row *)(void *)(J->scratch + 4 * n_rows * nparts);   /* see fl_ce_scratch_len */
+    ce_row *rows = (ce_row *)(void *)(J->scratch + FL_CE_STATS_DOUBLES * n_rows * nparts);   /* see fl_ce_scratch_len */
     const int64_t items = n_rows * nparts;
 #ifdef _OPENMP
 #pragma omp parallel num_threads((int)nt)

@@ -94,7 +94,8 @@ int fl_pointwise(const fl_pointwise_job *job, int nthreads) { return fl_active()
 int64_t fl_ce_scratch_len(int64_t n_rows, int64_t V)
 {
     const int64_t nparts = (V + 32767) / 32768;       /* CE_PART in ce_body.h */
-    return 4 * n_rows * nparts + 7 * n_rows + 1;      /* part stats (4) + ce_row (7) per row */
+    /* part stats (ce_stats) per part + ce_row (7 doubles) per row */
+    return FL_CE_STATS_DOUBLES * n_rows * nparts + 7 * n_rows + 1;
 }
 
 int fl_cross_entropy(const fl_ce_job *job, int nthreads) { return fl_active()->cross_entropy(job, nthreads); }

@@ -93,6 +93,16 @@ int fl_pointwise(const fl_pointwise_job *job, int nthreads);
  *                LOGSOFTMAX / SOFTMAX: the normalized row.  out may be logits (in place).
  * target: n_rows int64 in row order (or NULL); class_weight: V doubles (or NULL) with
  * weight_sum = their sum (V when NULL); sample_weight: n_rows doubles (or NULL).
+ * soft_target (instead of target; at most one of the two): class probabilities q, an array
+ *   of the logits' row shape with its own byte strides per row dim (soft_strides) and its
+ *   class axis contiguous, stored in soft_dtype = the logits' dtype or their compute type
+ *   (FL_F32 for F16/BF16/F32 logits, FL_F64 for F64), else FL_ERR_DTYPE.  Per row, with
+ *   q' = (1 - label_smoothing) q + label_smoothing / V and w the class weights (1 if NULL):
+ *     row_loss = sw (lse sum_j w_j q'_j - sum_j w_j q'_j x_j + z_loss lse^2)
+ *   and the GRAD output is grad_scale sw ((sum_j w_j q'_j + 2 z_loss lse) p - w q')
+ *   (times the softcap factor).  q is used as given: rows that do not sum to 1 or hold
+ *   negative entries are not checked (as torch); a NaN in q makes its row NaN.  No row is
+ *   ignored (ignore_index is not read).  Used by the modes NONE and GRAD only.
  * scratch: fl_ce_scratch_len(n_rows, V) doubles.
  */
 enum { FL_CE_OUT_NONE = 0, FL_CE_OUT_GRAD = 1, FL_CE_OUT_LOGSOFTMAX = 2, FL_CE_OUT_SOFTMAX = 3 };
@@ -108,6 +118,9 @@ typedef struct {
     void *out;
     int mode;                                /* FL_CE_OUT_* */
     const int64_t *target;
+    const void *soft_target;                 /* class probabilities (see above), or NULL */
+    fl_dtype soft_dtype;
+    int64_t soft_strides[FL_MAX_NDIM];
     const double *class_weight;
     double weight_sum;
     const double *sample_weight;

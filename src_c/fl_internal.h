@@ -40,6 +40,9 @@
 #define FL_PREFETCH(ptr, bytes) ((void)0)
 #endif
 
+/* Doubles per part in the cross-entropy scratch: sizeof(ce_stats) (checked in ce_body.h). */
+#define FL_CE_STATS_DOUBLES 6
+
 /* Per-ISA kernel table: each isa_*.c instantiates one. */
 typedef struct {
     int (*pointwise)(const fl_pointwise_job *job, int nthreads);
