@@ -130,6 +130,8 @@ CE_DTYPES = ("float32", "float16")
 #: small shape only (NumPy takes ~1.3 s / ~3 s per forward / with-grad call at 8192x32000
 #: float32, ~10 s / ~45 s in float16).
 NUMPY_MAX_DEFAULT = {"float32": 1 << 26, "float16": 1 << 21, "float64": 1 << 21}
+#: --quick: the small shape only.
+NUMPY_MAX_QUICK = {"float32": 1 << 21, "float16": 1 << 21, "float64": 1 << 21}
 #: --full / --loss cross_entropy: every float32 shape; float16 up to (32768, 1024).
 NUMPY_MAX_FULL = {"float32": None, "float16": 1 << 25, "float64": None}
 
@@ -148,7 +150,7 @@ CE_PRESETS = {
     # default `python -m fastloss bench` (with the regression losses, under 2 minutes): a Llama 2
     # vocabulary at 2048 tokens (8192 tokens would take ~40 s more, mostly torch's with-grad)
     "default": Preset(((2048, 32000), (1, 262144)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_DEFAULT),
-    "quick": Preset(((1, 262144), (32768, 1024)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_DEFAULT),
+    "quick": Preset(((1, 262144), (32768, 1024)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_QUICK),
     # --full, --loss cross_entropy
     "full": Preset(CE_SHAPES, CE_DTYPES, CE_MODES, NUMPY_MAX_FULL),
     # pytest benchmarks/ (CI runs it with --benchmark-disable: small shapes, every mode)
@@ -1257,12 +1259,13 @@ def run(opts: Options, out=None, err=None) -> dict:
                 if p.memory:
                     mem[key] = p.peak
             recs = _records(gcases, provs, ok, errors, err_elements, mem, how)
+            records += recs  # before the progress lines: a Ctrl-C after a case's line keeps that case
             for r in recs:
                 r["group_wall_s"] = time.perf_counter() - g0
-                progress.case_done(_case_line(r, multi_isa))
                 if how.get(("torch", None)) == "helper process":
                     pending.append((r, torch_memory_key(dataclasses.replace(first, threads=r["memory_threads"]))))
-            records += recs
+            for r in recs:
+                progress.case_done(_case_line(r, multi_isa))
             progress.group_done()
             provs = x = t = None  # the providers hold the group's scratch buffer
         inputs.clear()
