@@ -173,7 +173,7 @@ def pytest_collection_modifyitems(config, items):
     set_rounds = not _given_on_command_line(config, "--benchmark-min-rounds")
     for item in items:
         entry = getattr(item, "callspec", None) and item.callspec.params.get("entry")
-        if entry is None:
+        if not isinstance(entry, tuple):  # None, or NOTSET: a family with no case selected (skipped)
             continue
         kwargs = {}
         if set_time:
@@ -225,7 +225,7 @@ def torch_small_memory(request):
             wanted = []
             for item in request.session.items:
                 entry = getattr(item, "callspec", None) and item.callspec.params.get("entry")
-                if entry and entry[0] == "torch":
+                if isinstance(entry, tuple) and entry[0] == "torch":
                     c = entry[1]
                     if c.n * np.dtype(c.dtype).itemsize < bench.RSS_IN_PROCESS_MIN_BYTES:
                         wanted.append(c)

@@ -47,13 +47,14 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true",
                    help="only sizes 1e6 and 1e7 (cross-entropy: 1x262144 and 32768x1024), fewer repeats")
     b.add_argument("--full", action="store_true",
-                   help="every loss and the whole cross-entropy set (shapes, dtypes, modes; NumPy at every "
-                        "float32 shape): a few minutes")
+                   help="every loss, the whole cross-entropy set (shapes, modes; NumPy at every float32 shape) "
+                        "and float32 and float16 for both families: several minutes")
     b.add_argument("--loss", action="append", metavar="NAME",
                    help="a loss to time, or a family: regression, classification (repeatable or "
                         "comma-separated; default: all; cross_entropy selects its whole set)")
     b.add_argument("--threads", metavar="LIST", default=None,
-                   help="comma-separated thread counts (default: 1,2)")
+                   help="comma-separated thread counts (default: 1 and all, i.e. fastloss's default thread "
+                        "count: the cores, or OMP_NUM_THREADS)")
     b.add_argument("--sizes", metavar="LIST", default=None,
                    help="regression: comma-separated element counts, e.g. 1e6,1e7 (default: 1e6,1e7,1e8)")
     b.add_argument("--shapes", metavar="LIST", default=None,
@@ -128,7 +129,7 @@ def _bench_options(args):
     else:
         preset = "default"
     if args.threads is None:
-        threads = tuple(dict.fromkeys(min(t, max(1, _core.num_procs())) for t in bench.DEFAULT_THREADS))
+        threads = bench.default_threads()
     else:
         threads = _int_list(args.threads, "threads", int)
     if args.sizes is None:

@@ -94,7 +94,7 @@ QUICK_SIZES = (10**6, 10**7)
 PYTEST_SIZES = (10**6, 10**7)
 #: The hidden ``--smoke`` run of the CLI tests: tiny cases, seconds in all.
 SMOKE_SIZES = (1000, 10_000)
-DEFAULT_THREADS = (1, 2)
+DEFAULT_THREADS = (1, 2)   # the pytest-benchmark suite's; the CLI's: default_threads()
 DEFAULT_DTYPE = "float32"
 #: The dtypes a case can have (both families).
 BENCH_DTYPES = ("float16", "float32", "float64")
@@ -144,6 +144,7 @@ class Preset:
     dtypes: tuple
     modes: tuple
     numpy_max: dict
+    regression_dtypes: tuple = (DEFAULT_DTYPE,)
 
 
 CE_PRESETS = {
@@ -152,7 +153,7 @@ CE_PRESETS = {
     "default": Preset(((2048, 32000), (1, 262144)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_DEFAULT),
     "quick": Preset(((1, 262144), (32768, 1024)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_QUICK),
     # --full, --loss cross_entropy
-    "full": Preset(CE_SHAPES, CE_DTYPES, CE_MODES, NUMPY_MAX_FULL),
+    "full": Preset(CE_SHAPES, CE_DTYPES, CE_MODES, NUMPY_MAX_FULL, CE_DTYPES),
     # pytest benchmarks/ (CI runs it with --benchmark-disable: small shapes, every mode)
     "pytest": Preset(((1, 262144), (64, 32000)), CE_DTYPES, CE_MODES, NUMPY_MAX_FULL),
     # --smoke (the CLI tests)
@@ -225,6 +226,12 @@ BENCH_LOSSES: dict[str, BenchLoss] = _bench_losses()
 #: --loss aliases.
 FAMILIES = {"regression": tuple(n for n, s in BENCH_LOSSES.items() if s.family == "regression"),
             "classification": tuple(n for n, s in BENCH_LOSSES.items() if s.family == "classification")}
+
+
+def default_threads() -> tuple:
+    """1 and all: one thread, and fastloss's default thread count (OpenMP's, i.e. the cores
+    unless OMP_NUM_THREADS or fastloss.set_num_threads says otherwise)."""
+    return tuple(dict.fromkeys((1, max(1, fastloss.get_num_threads()))))
 
 
 def regression_losses() -> list[str]:
@@ -306,14 +313,15 @@ class Case:
         return arrays * self.n * np.dtype(self.dtype).itemsize
 
 
-def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None, dtype=DEFAULT_DTYPE,
+def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None, dtype=None,
           isas=None, shapes=None, dtypes=None, preset="default") -> list[Case]:
     """The benchmark cases, in run order: the regression losses by dtype, size, loss, mode,
     threads, ISA; then cross-entropy by shape, dtype, mode, threads, ISA.
 
     ``losses``: loss names or family aliases (default: every loss); ``isas``: ISA names
     (default: the one fastloss selected at import).  Regression: ``sizes``, in ``dtypes``
-    if given, else in ``dtype``.  Cross-entropy: ``shapes`` (rows, classes) in ``dtypes``
+    if given, else in ``dtype`` if given, else in the preset's regression dtypes (float32;
+    --full: float32 and float16).  Cross-entropy: ``shapes`` (rows, classes) in ``dtypes``
     (default: those of ``CE_PRESETS[preset]``).  ``modes``: applied to each family (a family
     takes the modes it has; default: the regression MODES, and the preset's modes for
     cross-entropy).
@@ -335,7 +343,7 @@ def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None,
     out = []
     reg = [n for n in names if BENCH_LOSSES[n].family == "regression"]
     reg_modes = MODES if modes is None else [m for m in modes if m in MODES]
-    reg_dtypes = given or (np.dtype(dtype).name,)
+    reg_dtypes = given or ((np.dtype(dtype).name,) if dtype is not None else pre.regression_dtypes)
     out += [Case(loss, int(n), dt, mode, th, isa)
             for dt in reg_dtypes for n in sizes for loss in reg for mode in reg_modes for th in threads
             for isa in isas]
@@ -1035,7 +1043,7 @@ class Options:
     smoke: bool = False            # tiny cases, 2 calls each, a small read-bandwidth probe (the tests)
 
     def cases(self) -> list[Case]:
-        return cases(self.losses, self.sizes, self.threads, self.modes, DEFAULT_DTYPE, self.isas, self.shapes,
+        return cases(self.losses, self.sizes, self.threads, self.modes, None, self.isas, self.shapes,
                      self.dtypes, self.preset)
 
 
@@ -1180,7 +1188,7 @@ def run(opts: Options, out=None, err=None) -> dict:
     err = err or sys.stderr
     wall0 = time.perf_counter()
     isas = opts.isas or [_core.get_isa()]
-    all_cases = cases(opts.losses, opts.sizes, opts.threads, opts.modes, DEFAULT_DTYPE, isas, opts.shapes,
+    all_cases = cases(opts.losses, opts.sizes, opts.threads, opts.modes, None, isas, opts.shapes,
                       opts.dtypes, opts.preset)
     numpy_max = CE_PRESETS[opts.preset].numpy_max
     use_torch = opts.torch and torch_available()
