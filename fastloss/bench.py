@@ -33,7 +33,7 @@ Design
   NumPy, torch per thread count) run in interleaved rounds (fastloss, NumPy, torch,
   fastloss, ...) so that the noise of this shared machine hits all of them alike.
   One warm-up call each first (on a 2**20-element prefix -- whole rows for
-  cross-entropy -- for arrays above 2**24 elements, which get fresh pages on every call
+  cross-entropy -- for arrays above 2**22 elements, which get fresh pages on every call
   anyway), then rounds until a minimum count and a minimum time are reached; fewer
   calls for large sizes, and slow competitors stop after 2 calls and 0.5 s
   (:class:`Policy`), which keeps the default run under two minutes.  Each sample is
@@ -56,7 +56,7 @@ Design
   for each fastloss case's GB/s (:meth:`Case.nbytes`).
 * **Is it right?**  The warm-up result of every provider is compared with the float64
   ``fastloss.reference`` on the same input (:func:`relative_error`; the whole input up
-  to 2**24 elements, the warm-up prefix above), which gives each row its error
+  to 2**22 elements, the warm-up prefix above), which gives each row its error
   columns; and fastloss and torch are compared with NumPy, a mismatch being flagged,
   since a fast wrong answer is not a result.
 * **Output.**  Progress on stderr (:class:`Progress`), the report on stdout; the text,
@@ -103,12 +103,14 @@ CE_BENCH_DTYPES = BENCH_DTYPES
 WARMUP_PREFIX = 1 << 20
 #: Arrays up to this many elements are warmed up whole, so that the error against the
 #: float64 reference (computed on the warm-up input) is that of the timed input itself;
-#: larger ones on their first WARMUP_PREFIX elements (whole rows), since the float64
-#: reference of 1e8 elements costs seconds per loss (a budget of two minutes).
-ACCURACY_FULL_MAX = 1 << 24
+#: larger ones on their first WARMUP_PREFIX elements (whole rows): the float64 reference and
+#: a whole warm-up call of each provider cost ~1 s per group at 1e7 elements and seconds at
+#: 1e8, against a budget of two minutes for the default run.
+ACCURACY_FULL_MAX = 1 << 22
 #: The array read by the bandwidth probe.
 READ_BW_BYTES = 1 << 30
 READ_BW_ROUNDS = 5
+QUICK_READ_BW_ROUNDS = 2
 SMOKE_READ_BW_BYTES = 8 << 20
 #: The regression NumPy reference is timed up to this many elements per dtype (None:
 #: always; NumPy's float16 ufuncs are ~8x slower than its float32 ones).
@@ -1224,7 +1226,7 @@ def run(opts: Options, out=None, err=None) -> dict:
 
     records, bw = [], {}
     bw_bytes = SMOKE_READ_BW_BYTES if opts.smoke else READ_BW_BYTES
-    bw_rounds = 1 if opts.smoke else READ_BW_ROUNDS
+    bw_rounds = 1 if opts.smoke else QUICK_READ_BW_ROUNDS if opts.quick else READ_BW_ROUNDS
     progress = Progress(len(all_cases), sum(weights.values()), err)
     inputs = InputCache()
     interrupted = False
@@ -1284,6 +1286,8 @@ def run(opts: Options, out=None, err=None) -> dict:
     finally:
         if helper is not None:
             helper.close()
+        if tracemalloc.is_tracing():  # interrupted inside a measured call
+            tracemalloc.stop()
         inputs.clear()
         progress.close()
         _core.set_isa(selected_isa)
