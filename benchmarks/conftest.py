@@ -15,7 +15,7 @@ array, a preallocated ``grad_out`` and in place).
 Options (each also an environment variable): ``--fastloss-sizes`` /
 FASTLOSS_BENCH_SIZES (regression), ``--fastloss-shapes`` / FASTLOSS_BENCH_SHAPES
 (cross-entropy ROWSxCLASSES), ``--fastloss-dtypes`` / FASTLOSS_BENCH_DTYPES
-(cross-entropy), ``--fastloss-modes`` / FASTLOSS_BENCH_MODES, ``--fastloss-threads`` /
+(both families), ``--fastloss-modes`` / FASTLOSS_BENCH_MODES, ``--fastloss-threads`` /
 FASTLOSS_BENCH_THREADS (default 1,2), ``--fastloss-isa`` / FASTLOSS_BENCH_ISA (an ISA
 name or ``all``; default: the one selected at import), ``--fastloss-losses`` /
 FASTLOSS_BENCH_LOSSES (names or families).  Cross-entropy defaults:
@@ -27,9 +27,16 @@ Unless given on the command line, ``--benchmark-max-time`` is 0.25 s and
 3 at 1e8), which keeps the default run under a minute or so.  Each benchmark makes one
 untimed warm-up call first.  The in-place cross-entropy case runs under
 ``benchmark.pedantic`` with an untimed setup that refreshes its copy of the logits.
-``extra_info`` carries the case, the bytes moved, GB/s and its percentage of the read
-bandwidth measured once per session, and (cross-entropy) the peak extra memory of one
-untimed call.
+``extra_info`` carries the case (provider, loss, n, shape, dtype, mode, threads, ISA), the
+bytes moved, GB/s and its percentage of the read bandwidth measured once per session, and
+the peak extra memory of one untimed call (torch, for inputs under 32 MiB: from one helper
+process for the whole session, ``fastloss.bench.TorchMemoryHelper``).
+
+Compare two runs with pytest-benchmark itself::
+
+    pytest benchmarks/ --benchmark-only --benchmark-save=before      # .benchmarks/<machine>/0001_before.json
+    ... change something, rebuild ...
+    pytest benchmarks/ --benchmark-only --benchmark-compare=0001 --benchmark-compare-fail=median:10%
 """
 from __future__ import annotations
 
@@ -52,7 +59,8 @@ def pytest_addoption(parser):
                     help="cross-entropy shapes ROWSxCLASSES, e.g. 8192x32000 (env FASTLOSS_BENCH_SHAPES; "
                          "default 1x262144,64x32000)")
     group.addoption("--fastloss-dtypes", default=None, metavar="LIST",
-                    help="cross-entropy dtypes (env FASTLOSS_BENCH_DTYPES; default float32,float16)")
+                    help="dtypes of both families (env FASTLOSS_BENCH_DTYPES; default: float32 for the regression "
+                         "losses, float32,float16 for cross-entropy)")
     group.addoption("--fastloss-modes", default=None, metavar="LIST",
                     help="modes: forward, with_grad, with_grad_out, with_grad_inplace (env FASTLOSS_BENCH_MODES; "
                          "default: all of each family)")
@@ -165,7 +173,7 @@ def pytest_collection_modifyitems(config, items):
     set_rounds = not _given_on_command_line(config, "--benchmark-min-rounds")
     for item in items:
         entry = getattr(item, "callspec", None) and item.callspec.params.get("entry")
-        if entry is None:
+        if not isinstance(entry, tuple):  # None, or NOTSET: a family with no case selected (skipped)
             continue
         kwargs = {}
         if set_time:
@@ -201,6 +209,31 @@ def read_bandwidth(request):
     return {th: bench.READ_BW_BYTES / sorted(s)[len(s) // 2] / 1e9 for th, s in samples.items()}
 
 
+@pytest.fixture(scope="session")
+def torch_small_memory(request):
+    """torch's peak extra memory (bytes) of a case whose input is under 32 MiB: measured for every
+    such torch entry of the session at once, at the first request, by one helper process."""
+    import numpy as np
+
+    from fastloss import bench
+
+    cache, done = {}, []
+
+    def get(case):
+        if not done:
+            done.append(True)
+            wanted = []
+            for item in request.session.items:
+                entry = getattr(item, "callspec", None) and item.callspec.params.get("entry")
+                if isinstance(entry, tuple) and entry[0] == "torch":
+                    c = entry[1]
+                    if c.n * np.dtype(c.dtype).itemsize < bench.RSS_IN_PROCESS_MIN_BYTES:
+                        wanted.append(c)
+            cache.update(bench.torch_memory_subprocess(wanted))
+        return cache.get(bench.torch_memory_key(case))
+    return get
+
+
 @pytest.fixture
 def restore_state():
     from fastloss import _core
@@ -218,7 +251,7 @@ def restore_state():
 
 
 @pytest.fixture
-def run_entry(benchmark, inputs, read_bandwidth, restore_state, request):
+def run_entry(benchmark, inputs, read_bandwidth, restore_state, torch_small_memory, request):
     """Benchmark one (provider, case) entry: the callables of ``fastloss.bench``, one untimed
     warm-up call, then pytest-benchmark (``pedantic`` with the untimed ``prepare`` step for the
     in-place case)."""
@@ -248,9 +281,9 @@ def run_entry(benchmark, inputs, read_bandwidth, restore_state, request):
         })
         if case.shape is not None:
             benchmark.extra_info["shape"] = list(case.shape)
-        if bench.BENCH_LOSSES[case.loss].memory and not _benchmarks_off(request.config):
+        if not _benchmarks_off(request.config):
             if provider == "torch" and x.nbytes < bench.RSS_IN_PROCESS_MIN_BYTES:
-                peak = bench.torch_memory_subprocess([case]).get(bench.torch_memory_key(case))
+                peak = torch_small_memory(case)
                 method = "peak RSS growth, helper process"
             else:
                 peak = bench.peak_extra_memory(fn, bench.MEMORY_METHODS[provider])

@@ -2,8 +2,10 @@
 
 ``info`` prints :func:`fastloss.show_config`.  ``bench`` times fastloss against the
 NumPy reference and PyTorch: the regression losses and cross-entropy (a subset by
-default; ``--loss cross_entropy`` or ``--full`` for all of it; see :mod:`fastloss.bench`).
-Bad arguments give a one-line message and exit code 2, before any work starts.
+default; ``--loss cross_entropy`` or ``--full`` for all of it; see :mod:`fastloss.bench`),
+and writes the report as JSON, markdown, a plot, or compared with a previous JSON.
+Bad arguments give a one-line message and exit code 2, before any work starts; Ctrl-C
+prints (and writes) the report of the cases that finished and exits with 130.
 """
 from __future__ import annotations
 
@@ -31,33 +33,35 @@ def _build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench", help="time the losses against NumPy and PyTorch",
         description="Time the regression losses (forward and with-grad, float32) and cross-entropy (forward, and\n"
-                    "with-grad into a new array, a preallocated grad_out and in place; float32 and float16; with\n"
-                    "each provider's peak extra memory) against the NumPy reference and PyTorch CPU (when\n"
-                    "importable), interleaved; print medians, speedups and GB/s as a percentage of the read\n"
-                    "bandwidth measured in the same run.\n\n"
-                    "The default run (under 2 minutes on 2 cores) times a cross-entropy subset: 8192x32000 and\n"
-                    "1x262144, float32 and float16, forward and with-grad into a new array, NumPy only at 1x262144.\n"
-                    "--loss cross_entropy (or the family, classification) times the whole cross-entropy set: shapes\n"
-                    "8192x32000, 2048x128256, 256x262144, 1x262144, 32768x1024, every mode (about 3 minutes);\n"
-                    "--full times everything.",
+                    "with-grad into a new array, a preallocated grad_out and in place; float32 and float16) against\n"
+                    "the NumPy reference and PyTorch CPU (when importable), interleaved; print medians, speedups,\n"
+                    "GB/s as a percentage of the read bandwidth measured in the same run, each provider's peak\n"
+                    "extra memory and its error against the float64 reference.  Progress goes to stderr (one\n"
+                    "updating line on a terminal, one line per case otherwise), the report to stdout.\n\n"
+                    "The default run (under 2 minutes on 2 cores) times a cross-entropy subset: 2048x32000 and\n"
+                    "1x262144, float32 and float16, forward and with-grad into a new array (NumPy in float16 only\n"
+                    "at 1x262144).  --loss cross_entropy (or the family, classification) times the whole\n"
+                    "cross-entropy set: shapes 8192x32000, 2048x128256, 256x262144, 1x262144, 32768x1024, every\n"
+                    "mode (about 3 minutes); --full times everything.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--quick", action="store_true",
                    help="only sizes 1e6 and 1e7 (cross-entropy: 1x262144 and 32768x1024), fewer repeats")
     b.add_argument("--full", action="store_true",
-                   help="every loss and the whole cross-entropy set (shapes, dtypes, modes; NumPy at every "
-                        "float32 shape): a few minutes")
+                   help="every loss, the whole cross-entropy set (shapes, modes; NumPy at every float32 shape) "
+                        "and float32 and float16 for both families: several minutes")
     b.add_argument("--loss", action="append", metavar="NAME",
                    help="a loss to time, or a family: regression, classification (repeatable or "
                         "comma-separated; default: all; cross_entropy selects its whole set)")
     b.add_argument("--threads", metavar="LIST", default=None,
-                   help="comma-separated thread counts (default: 1,2)")
+                   help="comma-separated thread counts (default: 1 and all, i.e. fastloss's default thread "
+                        "count: the cores, or OMP_NUM_THREADS)")
     b.add_argument("--sizes", metavar="LIST", default=None,
                    help="regression: comma-separated element counts, e.g. 1e6,1e7 (default: 1e6,1e7,1e8)")
     b.add_argument("--shapes", metavar="LIST", default=None,
                    help="cross-entropy: comma-separated ROWSxCLASSES, e.g. 8192x32000,1x262144")
-    b.add_argument("--dtypes", metavar="LIST", default=None,
-                   help="cross-entropy: comma-separated dtypes among float32, float16, float64 "
-                        "(default: float32,float16; the regression losses run in float32)")
+    b.add_argument("--dtype", "--dtypes", dest="dtypes", metavar="LIST", default=None,
+                   help="comma-separated dtypes among float32, float16, float64, for both families (default: "
+                        "float32 for the regression losses, float32,float16 for cross-entropy)")
     b.add_argument("--modes", metavar="LIST", default=None,
                    help="comma-separated modes among forward, with_grad, with_grad_out, with_grad_inplace (the "
                         "last two: cross-entropy only; default: forward,with_grad, and all four with "
@@ -70,6 +74,15 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-torch", action="store_true", help="do not time PyTorch even if it is installed")
     b.add_argument("--json", metavar="PATH", default=None,
                    help="also write the results (one record per case, with the environment) as JSON")
+    b.add_argument("--markdown", metavar="PATH", default=None,
+                   help="also write the report (header and tables) as GitHub markdown")
+    b.add_argument("--plot", metavar="PATH", default=None,
+                   help="also plot the speedups against problem size, per family and competitor (PATH ending in "
+                        ".png or .svg; needs matplotlib)")
+    b.add_argument("--compare", metavar="OLD.json", default=None,
+                   help="compare each case's fastloss median with the same case in a previous --json report "
+                        "(new/old; flags regressions of more than 10%%; cases on one side only are listed)")
+    b.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny cases, seconds: the CLI tests
     return parser
 
 
@@ -103,9 +116,12 @@ def _bench_options(args):
             losses = bench.resolve_losses(names)
         except ValueError as exc:
             raise _UsageError(str(exc)) from None
-    if args.full and args.quick:
-        raise _UsageError("--full and --quick exclude each other")
-    if args.quick:
+    chosen = [name for name, on in (("--full", args.full), ("--quick", args.quick), ("--smoke", args.smoke)) if on]
+    if len(chosen) > 1:
+        raise _UsageError(f"{' and '.join(chosen)} exclude each other")
+    if args.smoke:
+        preset = "smoke"
+    elif args.quick:
         preset = "quick"
     elif args.full or (losses is not None and any(bench.BENCH_LOSSES[n].family == "classification"
                                                    for n in losses)):
@@ -113,15 +129,15 @@ def _bench_options(args):
     else:
         preset = "default"
     if args.threads is None:
-        threads = tuple(dict.fromkeys(min(t, max(1, _core.num_procs())) for t in bench.DEFAULT_THREADS))
+        threads = bench.default_threads()
     else:
         threads = _int_list(args.threads, "threads", int)
     if args.sizes is None:
-        sizes = bench.QUICK_SIZES if args.quick else bench.DEFAULT_SIZES
+        sizes = bench.SMOKE_SIZES if args.smoke else bench.QUICK_SIZES if args.quick else bench.DEFAULT_SIZES
     else:
         sizes = _int_list(args.sizes, "sizes", bench.parse_size)
     shapes = None if args.shapes is None else _str_list(args.shapes, "shapes", bench.parse_shape)
-    dtypes = None if args.dtypes is None else _str_list(args.dtypes, "dtypes", _dtype_name)
+    dtypes = None if args.dtypes is None else _str_list(args.dtypes, "dtype", _dtype_name)
     modes = None if args.modes is None else _str_list(args.modes, "modes", bench.normalize_mode)
     if args.repeat is not None and args.repeat < 1:
         raise _UsageError(f"--repeat must be >= 1, got {args.repeat}")
@@ -137,18 +153,39 @@ def _bench_options(args):
             raise _UsageError(f"ISA {name!r} is not supported here (supported: {', '.join(supported)})")
         else:
             isas = [name]
-    if args.json:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise _UsageError(f"--json: cannot write to {args.json!r} (no such writable directory)")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path is not None:
+            _check_writable(flag, path)
+    if args.plot is not None:
+        from fastloss import _bench_report
+        if _bench_report.plot_format(args.plot) is None:
+            raise _UsageError(f"--plot: {args.plot!r} must end in {' or '.join(_bench_report.PLOT_FORMATS)}")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise _UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+    compare = None
+    if args.compare is not None:
+        from fastloss import _bench_report
+        try:
+            compare = (args.compare, _bench_report.load_previous(args.compare))
+        except ValueError as exc:
+            raise _UsageError(f"--compare: {exc}") from None
     opts = bench.Options(losses=losses, sizes=sizes, threads=threads, isas=isas, quick=args.quick,
                          repeat=args.repeat, json_path=args.json, torch=not args.no_torch, preset=preset,
-                         shapes=shapes, dtypes=dtypes, modes=modes)
+                         shapes=shapes, dtypes=dtypes, modes=modes, markdown_path=args.markdown,
+                         plot_path=args.plot, compare=compare, smoke=args.smoke)
     try:
         opts.cases()  # every remaining check (dtypes, modes that apply to no selected loss), before any work
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     return opts
+
+
+def _check_writable(flag: str, path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise _UsageError(f"{flag}: cannot write to {path!r} (no such writable directory)")
 
 
 def _dtype_name(text: str) -> str:
@@ -159,8 +196,8 @@ def _dtype_name(text: str) -> str:
         name = np.dtype(text.strip()).name
     except TypeError:
         name = None
-    if name not in bench.CE_BENCH_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(bench.CE_BENCH_DTYPES)}, got {text.strip()!r}")
+    if name not in bench.BENCH_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(bench.BENCH_DTYPES)}, got {text.strip()!r}")
     return name
 
 
@@ -181,9 +218,15 @@ def main(argv=None) -> int:
         return 2
     from fastloss import bench
     try:
-        bench.run(opts)
-    except KeyboardInterrupt:
+        report = bench.run(opts)   # Ctrl-C while timing: the report of the cases that finished
+    except KeyboardInterrupt:      # ... at any other moment
         print(f"{PROG} bench: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:         # writing --json / --markdown / --plot
+        print(f"{PROG} bench: error: {exc}", file=sys.stderr)
+        return 1
+    if report["interrupted"]:
+        print(f"{PROG} bench: interrupted: {len(report['cases'])} cases finished", file=sys.stderr)
         return 130
     return 0
 

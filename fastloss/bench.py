@@ -23,8 +23,8 @@ Design
   plus ``reference.<loss>_grad``).  NumPy's elementwise code is single-threaded, so it
   is timed once per group and shown on every thread row.  NumPy's float16 ufuncs are
   ~8x slower than its float32 ones (cross-entropy with-grad on 8192x32000 float16 takes
-  ~45 s a call), so for cross-entropy NumPy is timed only up to a number of elements
-  per dtype (:func:`numpy_timed`; it still takes part in the warm-up check).  PyTorch
+  ~45 s a call), so NumPy is timed only up to a number of elements per family and
+  dtype (:func:`numpy_timed`; it still takes part in the warm-up check).  PyTorch
   CPU (when importable): ``torch.nn.functional.<loss>`` (rmse: ``sqrt(mse_loss)``);
   with-grad is the forward plus ``torch.autograd.grad`` with respect to the input (a
   backward into a fresh gradient, like ours); ``torch.set_num_threads`` follows the
@@ -33,7 +33,7 @@ Design
   NumPy, torch per thread count) run in interleaved rounds (fastloss, NumPy, torch,
   fastloss, ...) so that the noise of this shared machine hits all of them alike.
   One warm-up call each first (on a 2**20-element prefix -- whole rows for
-  cross-entropy -- for arrays above 32 MiB, which get fresh pages on every call
+  cross-entropy -- for arrays above 2**22 elements, which get fresh pages on every call
   anyway), then rounds until a minimum count and a minimum time are reached; fewer
   calls for large sizes, and slow competitors stop after 2 calls and 0.5 s
   (:class:`Policy`), which keeps the default run under two minutes.  Each sample is
@@ -41,23 +41,28 @@ Design
   step of the in-place variant.  Reported: the median (quartiles in JSON).  Only
   medians and ratios measured in the same run mean anything here; absolute times drift
   20-30 % between runs.
-* **Memory** (cross-entropy).  Peak extra memory during one call, the result included,
-  per provider and mode at the largest thread count: fastloss and NumPy with
-  ``tracemalloc`` in one more, untimed call (NumPy reports its allocations to it, and
-  fastloss allocates its outputs and scratch through NumPy); torch, which keeps no
-  allocator statistics on CPU, by the growth of the peak RSS (``VmHWM`` reset through
-  ``/proc/self/clear_refs``): during its first timed call for logits of 32 MiB or more
-  (glibc gives such arrays fresh pages), and in a helper process with a low glibc mmap
-  threshold for smaller ones (:func:`torch_memory_subprocess`).
+* **Memory** (every family).  Peak extra memory during one call, the result included,
+  per provider and mode at the largest thread count, measured the same way for all
+  three: for inputs of 32 MiB or more during the provider's first timed call, for
+  smaller ones in one more, untimed call.  fastloss and NumPy with ``tracemalloc``
+  (NumPy reports its allocations to it, and fastloss allocates its outputs and scratch
+  through NumPy); torch, which keeps no allocator statistics on CPU, by the growth of
+  the peak RSS (``VmHWM`` reset through ``/proc/self/clear_refs``; glibc gives arrays
+  of 32 MiB or more fresh pages), and for smaller inputs in a helper process with a low
+  glibc mmap threshold (:class:`TorchMemoryHelper`).
 * **Bandwidth.**  The plain read kernel ``fastloss._core.read_sum_f32`` on a 1 GiB
   float32 array, per thread count, before and after the cases (best of the pooled
   samples, as STREAM reports: contention only ever slows a read), is the yardstick
   for each fastloss case's GB/s (:meth:`Case.nbytes`).
-* **Is it right?**  The warm-up results of fastloss and torch are compared with
-  NumPy's (loss, and a strided sample of the gradient) and a mismatch is flagged,
-  since a fast wrong answer is not a result; at one size per family (1e6, and the
-  smallest cross-entropy shape, by default) the error of each provider against the
-  float64 reference is printed (:func:`accuracy`).
+* **Is it right?**  The warm-up result of every provider is compared with the float64
+  ``fastloss.reference`` on the same input (:func:`relative_error`; the whole input up
+  to 2**22 elements, the warm-up prefix above), which gives each row its error
+  columns; and fastloss and torch are compared with NumPy, a mismatch being flagged,
+  since a fast wrong answer is not a result.
+* **Output.**  Progress on stderr (:class:`Progress`), the report on stdout; the text,
+  the ``--markdown`` file, the ``--plot`` and the ``--compare`` table are rendered from
+  the report dict (what ``--json`` writes) by :mod:`fastloss._bench_report`.  Ctrl-C
+  ends the timing and reports the cases that finished.
 """
 from __future__ import annotations
 
@@ -68,9 +73,9 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import tracemalloc
 from dataclasses import dataclass, field
@@ -87,13 +92,29 @@ DEFAULT_SIZES = (10**6, 10**7, 10**8)
 QUICK_SIZES = (10**6, 10**7)
 #: pytest-benchmark's default sizes (FASTLOSS_BENCH_SIZES=1e6,1e7,1e8 adds 1e8).
 PYTEST_SIZES = (10**6, 10**7)
-DEFAULT_THREADS = (1, 2)
+#: The hidden ``--smoke`` run of the CLI tests: tiny cases, seconds in all.
+SMOKE_SIZES = (1000, 10_000)
+DEFAULT_THREADS = (1, 2)   # the pytest-benchmark suite's; the CLI's: default_threads()
 DEFAULT_DTYPE = "float32"
+#: The dtypes a case can have (both families).
+BENCH_DTYPES = ("float16", "float32", "float64")
+CE_BENCH_DTYPES = BENCH_DTYPES
 #: Elements of the warm-up call for large arrays (see policy_for).
 WARMUP_PREFIX = 1 << 20
+#: Arrays up to this many elements are warmed up whole, so that the error against the
+#: float64 reference (computed on the warm-up input) is that of the timed input itself;
+#: larger ones on their first WARMUP_PREFIX elements (whole rows): the float64 reference and
+#: a whole warm-up call of each provider cost ~1 s per group at 1e7 elements and seconds at
+#: 1e8, against a budget of two minutes for the default run.
+ACCURACY_FULL_MAX = 1 << 22
 #: The array read by the bandwidth probe.
 READ_BW_BYTES = 1 << 30
 READ_BW_ROUNDS = 5
+QUICK_READ_BW_ROUNDS = 2
+SMOKE_READ_BW_BYTES = 8 << 20
+#: The regression NumPy reference is timed up to this many elements per dtype (None:
+#: always; NumPy's float16 ufuncs are ~8x slower than its float32 ones).
+REGRESSION_NUMPY_MAX = {"float32": None, "float16": 10**7, "float64": None}
 
 # ---- cross-entropy sets ---------------------------------------------------------------------------
 
@@ -106,15 +127,15 @@ MODE_LABELS = {"forward": "forward", "with_grad": "with-grad", "with_grad_out": 
 #: (rows, classes): LLM vocabularies (Llama 2, Llama 3, Gemma 3), one long row, a small vocabulary.
 CE_SHAPES = ((8192, 32000), (2048, 128256), (256, 262144), (1, 262144), (32768, 1024))
 CE_DTYPES = ("float32", "float16")
-CE_BENCH_DTYPES = ("float16", "float32", "float64")
 #: NumPy is timed up to this many elements per dtype (None: always); above it, it only
-#: takes part in the warm-up check.  Default run: the small shape only (NumPy takes
-#: ~1.3 s / ~3 s per forward / with-grad call at 8192x32000 float32, ~10 s / ~45 s in float16).
-NUMPY_MAX_DEFAULT = {"float32": 1 << 21, "float16": 1 << 21, "float64": 1 << 21}
+#: takes part in the warm-up check.  Default run: float32 up to 2048x32000, float16 at the
+#: small shape only (NumPy takes ~1.3 s / ~3 s per forward / with-grad call at 8192x32000
+#: float32, ~10 s / ~45 s in float16).
+NUMPY_MAX_DEFAULT = {"float32": 1 << 26, "float16": 1 << 21, "float64": 1 << 21}
+#: --quick: the small shape only.
+NUMPY_MAX_QUICK = {"float32": 1 << 21, "float16": 1 << 21, "float64": 1 << 21}
 #: --full / --loss cross_entropy: every float32 shape; float16 up to (32768, 1024).
 NUMPY_MAX_FULL = {"float32": None, "float16": 1 << 25, "float64": None}
-#: The cross-entropy accuracy check runs at the smallest shape up to this many elements.
-CE_ACCURACY_MAX = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -125,16 +146,20 @@ class Preset:
     dtypes: tuple
     modes: tuple
     numpy_max: dict
+    regression_dtypes: tuple = (DEFAULT_DTYPE,)
 
 
 CE_PRESETS = {
-    # default `python -m fastloss bench` (with the regression losses, under 2 minutes)
-    "default": Preset(((8192, 32000), (1, 262144)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_DEFAULT),
-    "quick": Preset(((1, 262144), (32768, 1024)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_DEFAULT),
+    # default `python -m fastloss bench` (with the regression losses, under 2 minutes): a Llama 2
+    # vocabulary at 2048 tokens (8192 tokens would take ~40 s more, mostly torch's with-grad)
+    "default": Preset(((2048, 32000), (1, 262144)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_DEFAULT),
+    "quick": Preset(((1, 262144), (32768, 1024)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_QUICK),
     # --full, --loss cross_entropy
-    "full": Preset(CE_SHAPES, CE_DTYPES, CE_MODES, NUMPY_MAX_FULL),
+    "full": Preset(CE_SHAPES, CE_DTYPES, CE_MODES, NUMPY_MAX_FULL, CE_DTYPES),
     # pytest benchmarks/ (CI runs it with --benchmark-disable: small shapes, every mode)
     "pytest": Preset(((1, 262144), (64, 32000)), CE_DTYPES, CE_MODES, NUMPY_MAX_FULL),
+    # --smoke (the CLI tests)
+    "smoke": Preset(((4, 1000), (2, 5000)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_FULL),
 }
 
 
@@ -185,18 +210,17 @@ class BenchLoss:
     make_inputs: Callable     # (rng, shape, dtype) -> {"input": x, "target": t}
     modes: tuple              # the modes the loss is timed in
     arrays_read: int          # arrays of the input's size the forward reads (GB/s)
-    memory: bool              # measure each provider's peak extra memory
 
 
 def _bench_losses() -> dict[str, BenchLoss]:
     out = {name: BenchLoss(name, "regression", spec.func, spec.with_grad, spec.reference, spec.reference_grad,
-                           spec.make_inputs, MODES, spec.arrays_read, False)
+                           spec.make_inputs, MODES, spec.arrays_read)
            for name, spec in REGISTRY.items() if spec.family == "regression"}
     # Not (yet) in the registry: the benchmark's own entry.  The target (8 bytes a row) is not
     # counted in GB/s: the logits are the traffic.
     out[CE_LOSS] = BenchLoss(CE_LOSS, "classification", fastloss.cross_entropy, fastloss.cross_entropy_with_grad,
                              reference.cross_entropy, reference.cross_entropy_grad, cross_entropy_inputs,
-                             CE_MODES, 1, True)
+                             CE_MODES, 1)
     return out
 
 
@@ -204,6 +228,12 @@ BENCH_LOSSES: dict[str, BenchLoss] = _bench_losses()
 #: --loss aliases.
 FAMILIES = {"regression": tuple(n for n, s in BENCH_LOSSES.items() if s.family == "regression"),
             "classification": tuple(n for n, s in BENCH_LOSSES.items() if s.family == "classification")}
+
+
+def default_threads() -> tuple:
+    """1 and all: one thread, and fastloss's default thread count (OpenMP's, i.e. the cores
+    unless OMP_NUM_THREADS or fastloss.set_num_threads says otherwise)."""
+    return tuple(dict.fromkeys((1, max(1, fastloss.get_num_threads()))))
 
 
 def regression_losses() -> list[str]:
@@ -285,26 +315,28 @@ class Case:
         return arrays * self.n * np.dtype(self.dtype).itemsize
 
 
-def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None, dtype=DEFAULT_DTYPE,
+def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None, dtype=None,
           isas=None, shapes=None, dtypes=None, preset="default") -> list[Case]:
-    """The benchmark cases, in run order: the regression losses by size, loss, mode,
+    """The benchmark cases, in run order: the regression losses by dtype, size, loss, mode,
     threads, ISA; then cross-entropy by shape, dtype, mode, threads, ISA.
 
     ``losses``: loss names or family aliases (default: every loss); ``isas``: ISA names
-    (default: the one fastloss selected at import).  Regression: ``sizes`` in ``dtype``.
-    Cross-entropy: ``shapes`` (rows, classes) in ``dtypes`` (default: those of
-    ``CE_PRESETS[preset]``).  ``modes``: applied to each family (a family takes the modes
-    it has; default: the regression MODES, and the preset's modes for cross-entropy).
+    (default: the one fastloss selected at import).  Regression: ``sizes``, in ``dtypes``
+    if given, else in ``dtype`` if given, else in the preset's regression dtypes (float32;
+    --full: float32 and float16).  Cross-entropy: ``shapes`` (rows, classes) in ``dtypes``
+    (default: those of ``CE_PRESETS[preset]``).  ``modes``: applied to each family (a family
+    takes the modes it has; default: the regression MODES, and the preset's modes for
+    cross-entropy).
     """
     names = known_losses() if losses is None else resolve_losses(losses)
     pre = CE_PRESETS[preset]
     if modes is not None:
         modes = [normalize_mode(m) for m in modes]
     shapes = pre.shapes if shapes is None else tuple(tuple(int(v) for v in s) for s in shapes)
-    dtypes = pre.dtypes if dtypes is None else tuple(np.dtype(d).name for d in dtypes)
-    for d in dtypes:
-        if d not in CE_BENCH_DTYPES:
-            raise ValueError(f"cross-entropy dtype must be one of {', '.join(CE_BENCH_DTYPES)}, got {d!r}")
+    given = None if dtypes is None else tuple(np.dtype(d).name for d in dtypes)
+    for d in given or ():
+        if d not in BENCH_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(BENCH_DTYPES)}, got {d!r}")
     for s in shapes:
         if len(s) != 2 or min(s) < 1:
             raise ValueError(f"a cross-entropy shape is ROWSxCLASSES with both >= 1, got {s!r}")
@@ -313,13 +345,15 @@ def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None,
     out = []
     reg = [n for n in names if BENCH_LOSSES[n].family == "regression"]
     reg_modes = MODES if modes is None else [m for m in modes if m in MODES]
-    dt = np.dtype(dtype).name
+    reg_dtypes = given or ((np.dtype(dtype).name,) if dtype is not None else pre.regression_dtypes)
     out += [Case(loss, int(n), dt, mode, th, isa)
-            for n in sizes for loss in reg for mode in reg_modes for th in threads for isa in isas]
+            for dt in reg_dtypes for n in sizes for loss in reg for mode in reg_modes for th in threads
+            for isa in isas]
     for loss in (n for n in names if BENCH_LOSSES[n].family == "classification"):
         ce_modes = pre.modes if modes is None else [m for m in modes if m in BENCH_LOSSES[loss].modes]
         out += [Case(loss, s[0] * s[1], d, mode, th, isa, s)
-                for s in shapes for d in dtypes for mode in ce_modes for th in threads for isa in isas]
+                for s in shapes for d in (given or pre.dtypes) for mode in ce_modes for th in threads
+                for isa in isas]
     if not out:
         raise ValueError(f"no cases: none of the modes {', '.join(modes or ())} applies to the losses "
                          f"{', '.join(names)}")
@@ -327,8 +361,12 @@ def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None,
 
 
 def numpy_timed(case: Case, numpy_max: dict | None = None) -> bool:
-    """Whether the NumPy reference is timed in `case`'s group (always for regression)."""
-    if numpy_max is None or case.family == "regression":
+    """Whether the NumPy reference is timed in `case`'s group: cross-entropy up to
+    ``numpy_max[dtype]`` elements (None: always), regression up to
+    ``REGRESSION_NUMPY_MAX[dtype]``."""
+    if case.family == "regression":
+        numpy_max = REGRESSION_NUMPY_MAX
+    if numpy_max is None:
         return True
     limit = numpy_max.get(case.dtype)
     return limit is None or case.n <= limit
@@ -689,10 +727,12 @@ class Policy:
         return competitor and k >= self.slow_calls and sum(samples) >= self.slow_time
 
 
-def policy_for(n: int, dtype=DEFAULT_DTYPE, quick: bool = False, repeat: int | None = None) -> Policy:
+def policy_for(n: int, dtype=DEFAULT_DTYPE, quick: bool = False, repeat: int | None = None,
+               smoke: bool = False) -> Policy:
     """The timing policy of arrays of `n` elements (fewer calls for large sizes).
 
-    ``repeat`` forces exactly that minimum number of calls for every provider.
+    ``repeat`` forces exactly that minimum number of calls for every provider; ``smoke``
+    (the CLI tests) makes 2 calls each and no more.
     """
     if n <= 2 * 10**6:
         calls, min_time = 7, 0.25
@@ -703,11 +743,14 @@ def policy_for(n: int, dtype=DEFAULT_DTYPE, quick: bool = False, repeat: int | N
     slow_calls, slow_time = 2, 0.5
     if quick:
         calls, min_time, slow_time = min(calls, 3), min(min_time, 0.1), 0.25
+    if smoke:
+        calls, min_time, slow_calls, slow_time = 2, 0.0, 2, 0.0
     if repeat is not None:
         calls = slow_calls = repeat
-    # Arrays above glibc's largest mmap threshold (32 MiB) get fresh pages on every call,
-    # cache and allocator hold no state across calls: a warm-up on a prefix is enough.
-    prefix = WARMUP_PREFIX if n * np.dtype(dtype).itemsize > 32 << 20 else None
+    # Large arrays get fresh pages on every call (glibc's mmap threshold is 32 MiB at most), cache
+    # and allocator hold no state across calls: a warm-up on a prefix is enough, and spares the
+    # float64 reference of the whole array (see ACCURACY_FULL_MAX).
+    prefix = WARMUP_PREFIX if n > ACCURACY_FULL_MAX else None
     return Policy(calls, min_time, slow_calls, slow_time, prefix)
 
 
@@ -723,8 +766,8 @@ class Provider:
     samples: list = field(default_factory=list)
     mode: str | None = None   # fastloss: the case's mode (the competitors serve every mode of the group)
     timed: bool = True        # False: warm-up check only (a competitor too slow for this run)
-    measure_rss: bool = False  # record the peak RSS growth of the first timed call (torch's memory)
-    peak_rss: int | None = None
+    memory: str | None = None  # measure the peak extra memory of the first timed call by this method
+    peak: int | None = None   # ... the bytes measured
 
     @property
     def key(self) -> str:
@@ -734,23 +777,34 @@ class Provider:
         return "-".join(parts)
 
 
-def time_call(fn, setup=None, clock=time.perf_counter, peak_rss: list | None = None) -> float:
+def time_call(fn, setup=None, clock=time.perf_counter, peak: list | None = None, memory: str = "rss") -> float:
     """Seconds of one call of `fn`; `setup` and `fn.prepare` run before the timed region and the
-    result is released after it.  `peak_rss` (a list): append the call's peak RSS growth in bytes
-    (:func:`peak_extra_memory`'s ``"rss"``; reset and read outside the timed region; the kernel
-    tracks the peak anyway, so the call itself is not slowed)."""
+    result is released after it.  `peak` (a list): append the call's peak extra memory in bytes,
+    the result included, by `memory` (:func:`peak_extra_memory`'s methods): ``"rss"`` resets and
+    reads the peak RSS outside the timed region (the kernel tracks the peak anyway, so the call
+    is not slowed); ``"tracemalloc"`` traces the call's allocations (a few, of large arrays:
+    microseconds against the milliseconds of a call of an array of 32 MiB or more)."""
     if setup is not None:
         setup()
     prepare = getattr(fn, "prepare", None)
     if prepare is not None:
         prepare()
-    rss0 = _status_kib("VmRSS") if peak_rss is not None and _reset_peak_rss() else None
+    rss0 = base = None
+    if peak is not None:
+        if memory == "tracemalloc":
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+        elif _reset_peak_rss():
+            rss0 = _status_kib("VmRSS")
     t0 = clock()
     r = fn()
     t1 = clock()
-    if rss0 is not None:
+    if base is not None:
+        peak.append(max(0, tracemalloc.get_traced_memory()[1] - base))
+        tracemalloc.stop()
+    elif rss0 is not None:
         hwm = _status_kib("VmHWM")
-        peak_rss.append(None if hwm is None else max(0, hwm - rss0) * 1024)
+        peak.append(None if hwm is None else max(0, hwm - rss0) * 1024)
     del r  # released outside the timed region
     return t1 - t0
 
@@ -803,15 +857,48 @@ def _prefix(x, t, elements: int):
     return x[:rows], t[:rows]
 
 
-def warm_up(providers: list[Provider], x, t, policy: Policy) -> dict[str, bool]:
-    """One call of each provider (on a prefix for large sizes); returns agreement with numpy."""
+def exact_result(case: Case, x, t) -> tuple:
+    """(loss, gradient or None) of ``fastloss.reference`` in float64: what :func:`relative_error`
+    compares with (the gradient for the with-grad modes)."""
+    spec = BENCH_LOSSES[case.loss]
+    loss = float(spec.reference(x, t))
+    return loss, (spec.reference_grad(x, t) if case.group_mode != "forward" else None)
+
+
+def relative_error(result, exact) -> float:
+    """Max relative error of a provider's result against :func:`exact_result`: forward,
+    |loss - exact| / |exact|; with-grad, the larger of that and max |grad - exact| / max |exact|
+    (normwise: elementwise relative errors of gradients near zero mean nothing).  NaN if any
+    is NaN."""
+    loss, grad = _loss_grad(result)
+    e_loss, e_grad = exact
+    with np.errstate(all="ignore"):
+        errs = [abs(loss - e_loss) / abs(e_loss) if e_loss != 0 else abs(loss)]
+        if e_grad is not None and grad is not None:
+            scale = float(np.max(np.abs(e_grad), initial=0.0))
+            diff = float(np.max(np.abs(np.subtract(grad, e_grad, dtype=np.float64)), initial=0.0))
+            errs.append(diff / scale if scale > 0 else diff)
+    return float("nan") if any(math.isnan(e) for e in errs) else float(max(errs))
+
+
+def warm_up(providers: list[Provider], x, t, policy: Policy, case: Case | None = None):
+    """One untimed call of each provider (on a prefix for large sizes: ``policy.warmup_prefix``).
+
+    Returns (agreement of each non-NumPy provider with NumPy, {provider key: error against the
+    float64 reference on that same input} -- empty without `case` --, elements of that input).
+    """
     if policy.warmup_prefix is not None:
         x, t = _prefix(x, t, policy.warmup_prefix)
-    results = {}
+    exact = exact_result(case, x, t) if case is not None else None
+    results, errors = {}, {}
     for p in providers:
         if p.setup is not None:
             p.setup()
-        results[p.key] = summary(call_once(p.make(x, t)))
+        r = call_once(p.make(x, t))
+        results[p.key] = summary(r)
+        if exact is not None:
+            errors[p.key] = relative_error(r, exact)
+        r = None
     ok = {}
     rtol = agreement_rtol(x.dtype)
     ref = next((results[p.key] for p in providers if p.name == "numpy"), None)
@@ -819,70 +906,23 @@ def warm_up(providers: list[Provider], x, t, policy: Policy) -> dict[str, bool]:
         for p in providers:
             if p.name != "numpy":
                 ok[p.key] = agree(ref, results[p.key], rtol)
-    return ok
+    return ok, errors, int(x.size)
 
 
-def group_memory(providers: list[Provider], x, t, names=("fastloss", "numpy")) -> dict[tuple, int | None]:
-    """Peak extra memory (bytes) of one untimed call per (provider, mode) of `names`, at its largest
-    thread count; keys ("fastloss", mode), ("numpy", None), ("torch", None).  (The CLI measures
-    torch's on its first timed call instead: ``Provider.measure_rss``.)"""
+def memory_providers(providers: list[Provider]) -> dict[tuple, Provider]:
+    """The provider whose peak extra memory stands for each (name, mode): the timed one with
+    the most threads.  Keys ("fastloss", mode), ("numpy", None), ("torch", None)."""
     chosen = {}
     for p in providers:
-        if p.timed and p.name in names:
+        if p.timed:
             chosen[(p.name, p.mode)] = p  # the last one: the most threads
-    out = {}
-    for key, p in chosen.items():
-        if p.setup is not None:
-            p.setup()
-        out[key] = peak_extra_memory(p.make(x, t), MEMORY_METHODS[p.name])
-    return out
+    return chosen
 
 
-def accuracy(case: Case, providers: list[Provider], x, t) -> dict[str, float]:
-    """Error of one call of each provider against ``fastloss.reference`` in float64.
-
-    forward: |loss - exact| / |exact|;  with-grad: max |grad - exact| / max |exact|
-    (the loss of with-grad is the forward's).  The first fastloss provider stands for
-    all: results are bitwise identical for every thread count by design.  Untimed
-    competitors are left out.
-    """
-    spec = BENCH_LOSSES[case.loss]
-    exact = float(spec.reference(x, t)) if case.mode == "forward" else spec.reference_grad(x, t)
-    out = {}
-    for p in providers:
-        if p.name in out or not p.timed:
-            continue
-        if p.setup is not None:
-            p.setup()
-        loss, grad = _loss_grad(call_once(p.make(x, t)))
-        if case.mode == "forward":
-            out[p.name] = abs(loss - exact) / abs(exact)
-        else:
-            err = np.subtract(grad, exact, dtype=np.float64)
-            out[p.name] = float(np.max(np.abs(err))) / float(np.max(np.abs(exact)))
-            del err
-    return out
-
-
-def accuracy_size(sizes) -> int | None:
-    """The size at which the error is measured: the largest up to 1e6, else the smallest
-    up to 1e7, else none (the float64 reference and one call of each provider cost
-    ~0.5 s at 1e6 and ~5 s at 1e7 over all regression losses)."""
-    small = [n for n in sizes if n <= 10**6]
-    if small:
-        return max(small)
-    return min((n for n in sizes if n <= 10**7), default=None)
-
-
-def accuracy_shape(shapes) -> tuple | None:
-    """The cross-entropy shape at which the error is measured: the smallest, up to
-    CE_ACCURACY_MAX elements (the float64 reference costs ~1 s per 1e7 elements)."""
-    shapes = [tuple(s) for s in shapes if math.prod(s) <= CE_ACCURACY_MAX]
-    return min(shapes, key=math.prod, default=None)
-
-
-def run_rounds(providers: list[Provider], x, t, policy: Policy) -> int:
-    """Interleaved timed rounds; samples are appended to each timed provider.  Returns the rounds."""
+def run_rounds(providers: list[Provider], x, t, policy: Policy, tick: Callable[[], None] | None = None) -> int:
+    """Interleaved timed rounds; samples are appended to each timed provider (and the peak
+    memory of the first call of those with ``memory`` set); `tick` runs after each round.
+    Returns the rounds."""
     fns = [p.make(x, t) if p.timed else None for p in providers]
     active = [i for i, p in enumerate(providers) if p.timed]
     gc_was_enabled = gc.isenabled()
@@ -894,11 +934,13 @@ def run_rounds(providers: list[Provider], x, t, policy: Policy) -> int:
         while active and rounds < policy.max_rounds:
             for i in active:
                 p = providers[i]
-                rss = [] if p.measure_rss and p.peak_rss is None else None
-                p.samples.append(time_call(fns[i], p.setup, peak_rss=rss))
-                if rss:
-                    p.peak_rss = rss[0]
+                peak = [] if p.memory and not p.samples else None
+                p.samples.append(time_call(fns[i], p.setup, peak=peak, memory=p.memory))
+                if peak:
+                    p.peak = peak[0]
             rounds += 1
+            if tick is not None:
+                tick()
             elapsed = time.perf_counter() - start
             active = [i for i in active
                       if not policy.done(providers[i].samples, elapsed, providers[i].name != "fastloss")]
@@ -930,16 +972,18 @@ def group_providers(group_cases: list[Case], with_numpy=True, with_torch=False,
 
 # ---- read bandwidth ------------------------------------------------------------------------------
 
-def measure_read_bandwidth(threads, nbytes=READ_BW_BYTES, rounds=READ_BW_ROUNDS) -> dict[int, list[float]]:
+def measure_read_bandwidth(threads, nbytes=READ_BW_BYTES, rounds=READ_BW_ROUNDS,
+                           into: dict | None = None) -> dict[int, list[float]]:
     """Seconds per full read of an `nbytes` float32 array by ``_core.read_sum_f32``,
-    per thread count (one warm-up round, then `rounds` interleaved rounds)."""
+    per thread count (one warm-up round, then `rounds` interleaved rounds), appended to
+    `into` (so that an interrupted measurement keeps its samples)."""
     a = np.ones(nbytes // 4, dtype=np.float32)  # written, so its pages are mapped
-    samples = {th: [] for th in threads}
+    samples = {th: [] for th in threads} if into is None else into
     for r in range(rounds + 1):
         for th in threads:
             dt = time_call(lambda: _core.read_sum_f32(a, th))
             if r:
-                samples[th].append(dt)
+                samples.setdefault(th, []).append(dt)
     return samples
 
 
@@ -991,35 +1035,98 @@ class Options:
     repeat: int | None = None
     json_path: str | None = None
     torch: bool = True
-    preset: str = "default"        # the cross-entropy set (CE_PRESETS): default, quick, full
+    preset: str = "default"        # the cross-entropy set (CE_PRESETS): default, quick, full, smoke
     shapes: tuple | None = None    # cross-entropy (rows, classes); None: the preset's
-    dtypes: tuple | None = None    # cross-entropy dtypes; None: the preset's
+    dtypes: tuple | None = None    # both families; None: float32 (regression) and the preset's (cross-entropy)
     modes: tuple | None = None     # None: the regression MODES and the preset's cross-entropy modes
+    markdown_path: str | None = None
+    plot_path: str | None = None
+    compare: tuple | None = None   # (path, the report read from it): --compare
+    smoke: bool = False            # tiny cases, 2 calls each, a small read-bandwidth probe (the tests)
 
     def cases(self) -> list[Case]:
-        return cases(self.losses, self.sizes, self.threads, self.modes, DEFAULT_DTYPE, self.isas, self.shapes,
+        return cases(self.losses, self.sizes, self.threads, self.modes, None, self.isas, self.shapes,
                      self.dtypes, self.preset)
 
 
-class _Progress:
-    """Per-group progress on stderr: one line each when not a TTY, one rewritten line on a TTY."""
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
-    def __init__(self, total: int, stream=None):
+
+def _clock_text(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Progress of the run on `stream` (stderr).
+
+    On a terminal: one line, rewritten in place -- the group of cases being timed, cases
+    done / total, the time elapsed and an estimate of the time left (each group's rough cost,
+    :func:`group_weight`, scaled by the rate observed so far).  Otherwise (CI, a pipe, a
+    file): one plain line per finished case and no control characters.
+    """
+
+    def __init__(self, total_cases: int, total_weight: float, stream=None, clock=time.perf_counter):
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.total = total
-        self.done = 0
+        self.tty = _isatty(self.stream)
+        self.clock = clock
+        self.total_cases, self.total_weight = total_cases, total_weight
+        self.done_cases, self.done_weight = 0, 0.0
+        self.t0 = clock()
+        self.first_t0 = None  # the start of the first group (the rate leaves out the bandwidth probe)
+        self.title, self.weight, self.group_t0, self.last_draw = "", 0.0, self.t0, -1.0
 
-    def start(self, text: str):
+    def eta(self) -> float | None:
+        """Seconds left: the remaining weight at the rate of the finished groups, less the
+        time already spent in the current one; None before any group finished."""
+        if self.done_weight <= 0:
+            return None
+        now = self.clock()
+        rate = (self.group_t0 - self.first_t0) / self.done_weight
+        return max(0.0, rate * (self.total_weight - self.done_weight) - (now - self.group_t0))
+
+    def _draw(self):
+        now = self.clock()
+        eta = self.eta()
+        text = (f"[{self.done_cases}/{self.total_cases} cases] {self.title}  {_clock_text(now - self.t0)} elapsed"
+                + (f", ~{_clock_text(eta)} left" if eta is not None else ""))
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.stream.write("\r\x1b[K" + text[:max(10, width)])
+        self.stream.flush()
+        self.last_draw = now
+
+    def begin(self, title: str, weight: float):
+        self.title, self.weight, self.group_t0 = title, weight, self.clock()
+        if self.first_t0 is None:
+            self.first_t0 = self.group_t0
         if self.tty:
-            self.stream.write(f"\r\x1b[K[{self.done + 1}/{self.total}] {text} ...")
+            self._draw()
+
+    def status(self, text: str):
+        """A step that is not a case (terminal only), e.g. the read-bandwidth probe."""
+        self.title = text
+        if self.tty:
+            self._draw()
+
+    def tick(self):
+        if self.tty and self.clock() - self.last_draw >= 0.25:
+            self._draw()
+
+    def case_done(self, text: str):
+        self.done_cases += 1
+        if not self.tty:
+            self.stream.write(f"[{self.done_cases}/{self.total_cases}] {text}\n")
             self.stream.flush()
 
-    def finish(self, text: str):
-        self.done += 1
-        if not self.tty:
-            self.stream.write(f"[{self.done}/{self.total}] {text}\n")
-            self.stream.flush()
+    def group_done(self):
+        self.done_weight += self.weight
+        self.group_t0 = self.clock()
+        if self.tty:
+            self._draw()
 
     def close(self):
         if self.tty:
@@ -1027,26 +1134,73 @@ class _Progress:
             self.stream.flush()
 
 
+def group_weight(gcases: list[Case], numpy_is_timed: bool, with_torch: bool) -> float:
+    """A rough cost of a group in seconds (for the ETA, which rescales it by the observed rate):
+    a fixed part (warm-up, the policy's minimum time) plus the bytes of one call of each
+    provider times the few calls each makes."""
+    c = gcases[0]
+    nbytes = c.n * np.dtype(c.dtype).itemsize
+    calls = len(gcases) + numpy_is_timed + (len({g.threads for g in gcases}) if with_torch else 0)
+    return 0.25 + calls * nbytes / 4e8 * (1 if c.group_mode == "forward" else 2)
+
+
 def _group_title(c: Case) -> str:
-    if c.family == "regression":
-        return f"{c.size_label} {c.loss} {c.group_mode}"
-    return f"{c.size_label} {c.dtype} {c.loss} {c.group_mode}"
+    return f"{c.size_label} {c.dtype} {c.loss} {MODE_LABELS[c.group_mode]}"
 
 
-def run(opts: Options, out=None) -> dict:
-    """Time every case of `opts`, print the header and tables to `out`; return the report."""
+def _case_line(r: dict, multi_isa: bool) -> str:
+    """The progress line of a finished case (non-terminal output)."""
+    times = [f"fastloss {format_ms(r['fastloss']['median_s'])} ms"]
+    for who, name in (("numpy", "NumPy"), ("torch", "torch")):
+        if r[who]:
+            times.append(f"{name} {format_ms(r[who]['median_s'])} ms")
+    return (f"{record_label(r)} {r['dtype']} {r['loss']} {MODE_LABELS[r['mode']]}, {r['threads']} thread"
+            f"{'s' if r['threads'] != 1 else ''}{' ' + r['isa'] if multi_isa else ''}: " + ", ".join(times))
+
+
+def _report_options(opts: Options, all_cases: list[Case], isas: list, use_torch: bool) -> dict:
+    reg = [c for c in all_cases if c.family == "regression"]
+    ce = [c for c in all_cases if c.family == "classification"]
+    return {"sizes": list(dict.fromkeys(c.n for c in reg)),
+            "regression_dtypes": list(dict.fromkeys(c.dtype for c in reg)),
+            "threads": list(opts.threads), "isas": isas,
+            "quick": opts.quick, "smoke": opts.smoke, "repeat": opts.repeat, "torch": use_torch,
+            "losses": list(dict.fromkeys(c.loss for c in all_cases)),
+            "preset": opts.preset,
+            "shapes": [list(s) for s in dict.fromkeys(c.shape for c in ce)],
+            "dtypes": list(dict.fromkeys(c.dtype for c in ce)),
+            "modes": list(dict.fromkeys(c.mode for c in all_cases)),
+            "ce_modes": list(dict.fromkeys(c.mode for c in ce)),
+            "numpy_max_elements": CE_PRESETS[opts.preset].numpy_max,
+            "regression_numpy_max_elements": REGRESSION_NUMPY_MAX,
+            "total_cases": len(all_cases)}
+
+
+def run(opts: Options, out=None, err=None) -> dict:
+    """Time every case of `opts`; print the header and then the report to `out`, progress to
+    `err` (stderr); write the files `opts` asks for (--json, --markdown, --plot); return the
+    report (what --json writes).
+
+    Ctrl-C (KeyboardInterrupt) ends the timing early: the report then holds the cases that
+    finished, ``report["interrupted"]`` is True, and it is printed and written all the same.
+    """
+    from fastloss import _bench_report
+
     out = out or sys.stdout
+    err = err or sys.stderr
     wall0 = time.perf_counter()
     isas = opts.isas or [_core.get_isa()]
-    all_cases = cases(opts.losses, opts.sizes, opts.threads, opts.modes, DEFAULT_DTYPE, isas, opts.shapes,
+    all_cases = cases(opts.losses, opts.sizes, opts.threads, opts.modes, None, isas, opts.shapes,
                       opts.dtypes, opts.preset)
     numpy_max = CE_PRESETS[opts.preset].numpy_max
     use_torch = opts.torch and torch_available()
     env = environment(opts.threads, isas)
+    rss_ok = rss_peak_available()
     env["memory_methods"] = {"fastloss": "tracemalloc", "numpy": "tracemalloc",
-                             "torch": "peak RSS growth (VmHWM reset via /proc/self/clear_refs)"
-                             if rss_peak_available() else None}
-    print(format_header(env, use_torch, opts, all_cases), file=out, flush=True)
+                             "torch": "peak RSS growth (VmHWM reset via /proc/self/clear_refs)" if rss_ok else None}
+    report = {"schema": "fastloss-bench/3", "environment": env,
+              "options": _report_options(opts, all_cases, isas, use_torch)}
+    print(_bench_report.format_header(report), file=out, flush=True)
 
     selected_isa = _core.get_isa()
     torch_threads = None
@@ -1056,116 +1210,133 @@ def run(opts: Options, out=None) -> dict:
     groups: dict[tuple, list[Case]] = {}
     for c in all_cases:
         groups.setdefault(c.group, []).append(c)
-    acc_at = {"regression": accuracy_size(sorted({c.n for c in all_cases if c.family == "regression"})),
-              "classification": accuracy_shape({c.shape for c in all_cases if c.family == "classification"})}
-    acc_at["regression"] = (acc_at["regression"],) if acc_at["regression"] else None
+    multi_isa = len(isas) > 1
+    timed_numpy = {g: numpy_timed(gc[0], numpy_max) for g, gc in groups.items()}
+    weights = {g: group_weight(gc, timed_numpy[g], use_torch) for g, gc in groups.items()}
 
-    records, bw = [], {th: [] for th in opts.threads}
-    # torch's memory at logits under 32 MiB: measured by a helper process, which runs while the
-    # first cross-entropy inputs are made (untimed, one core) and is waited for before timing
+    # torch's memory for inputs under 32 MiB is measured by a helper process (see
+    # TorchMemoryHelper).  It runs while the largest inputs are made (untimed, one core) and is
+    # waited for before their group is timed; its values are filled in at the end.
     torch_small = [dataclasses.replace(g[0], threads=max(c.threads for c in g)) for g in groups.values()
-                   if BENCH_LOSSES[g[0].loss].memory
-                   and g[0].n * np.dtype(g[0].dtype).itemsize < RSS_IN_PROCESS_MIN_BYTES]
-    if not (use_torch and env["memory_methods"]["torch"]):
+                   if g[0].n * np.dtype(g[0].dtype).itemsize < RSS_IN_PROCESS_MIN_BYTES]
+    if not (use_torch and rss_ok):
         torch_small = []
-    helper, torch_sub = None, None
-    progress = _Progress(len(groups))
+    helper_group = max(groups, key=lambda g: groups[g][0].n * np.dtype(groups[g][0].dtype).itemsize)
+    helper, torch_sub, pending = None, {}, []
+
+    records, bw = [], {}
+    bw_bytes = SMOKE_READ_BW_BYTES if opts.smoke else READ_BW_BYTES
+    bw_rounds = 1 if opts.smoke else QUICK_READ_BW_ROUNDS if opts.quick else READ_BW_ROUNDS
+    progress = Progress(len(all_cases), sum(weights.values()), err)
     inputs = InputCache()
+    interrupted = False
     try:
-        for th, s in measure_read_bandwidth(opts.threads).items():
-            bw[th] += s
-        for gcases in groups.values():
+        progress.status("measuring the read bandwidth")
+        measure_read_bandwidth(opts.threads, bw_bytes, bw_rounds, into=bw)
+        for gkey, gcases in groups.items():
             first = gcases[0]
-            spec = BENCH_LOSSES[first.loss]
-            title = _group_title(first)
-            progress.start(title)
+            progress.begin(_group_title(first), weights[gkey])
             g0 = time.perf_counter()  # the group's wall time, making its inputs included
-            if torch_small and helper is None and spec.memory:
+            if torch_small and gkey == helper_group:
                 helper = TorchMemoryHelper(torch_small)
             x, t = inputs.get(first)
-            if helper is not None and torch_sub is None:
+            if helper is not None:
                 torch_sub = helper.result()
-            policy = policy_for(first.n, first.dtype, opts.quick, opts.repeat)
+                helper = None
+            policy = policy_for(first.n, first.dtype, opts.quick, opts.repeat, opts.smoke)
             provs = group_providers(gcases, with_numpy=True, with_torch=use_torch,
-                                    numpy_is_timed=numpy_timed(first, numpy_max))
-            ok = warm_up(provs, x, t, policy)
-            mem = None
-            torch_p = [p for p in provs if p.name == "torch"][-1:]  # the most threads
-            if spec.memory:
-                mem = group_memory(provs, x, t)  # fastloss and NumPy: tracemalloc, one untimed call each
-                if torch_p and x.nbytes >= RSS_IN_PROCESS_MIN_BYTES:
-                    torch_p[0].measure_rss = True  # torch: peak RSS of its first timed call
-                elif torch_p and torch_sub is not None:
-                    mem[("torch", None)] = torch_sub.get(torch_memory_key(dataclasses.replace(
-                        first, threads=torch_p[0].threads)))
-            run_rounds(provs, x, t, policy)
-            if mem is not None and torch_p and torch_p[0].measure_rss:
-                mem[("torch", None)] = torch_p[0].peak_rss
-            acc = accuracy(first, provs, x, t) if first.dims == acc_at[spec.family] else None
-            progress.finish(f"{title}: " + _progress_summary(provs) + f" [{time.perf_counter() - g0:.1f} s]")
-            records += _records(gcases, provs, ok, acc, mem)
+                                    numpy_is_timed=timed_numpy[gkey])
+            ok, errors, err_elements = warm_up(provs, x, t, policy, first)
+            # Peak extra memory of each provider (and mode) at its largest thread count: arrays of
+            # 32 MiB or more during the first timed call (tracemalloc; torch: peak RSS), smaller
+            # ones in one more, untimed call (torch: in the helper process).
+            mem, how = {}, {}
+            big = x.nbytes >= RSS_IN_PROCESS_MIN_BYTES
+            for key, p in memory_providers(provs).items():
+                if big:
+                    if p.name != "torch" or rss_ok:
+                        p.memory = MEMORY_METHODS[p.name]
+                        how[key] = "first timed call"
+                elif p.name != "torch":
+                    if p.setup is not None:
+                        p.setup()
+                    mem[key] = peak_extra_memory(p.make(x, t), MEMORY_METHODS[p.name])
+                    how[key] = "one untimed call"
+                elif torch_small:
+                    how[key] = "helper process"
+            run_rounds(provs, x, t, policy, progress.tick)
+            for key, p in memory_providers(provs).items():
+                if p.memory:
+                    mem[key] = p.peak
+            recs = _records(gcases, provs, ok, errors, err_elements, mem, how)
+            records += recs  # before the progress lines: a Ctrl-C after a case's line keeps that case
+            for r in recs:
+                r["group_wall_s"] = time.perf_counter() - g0
+                if how.get(("torch", None)) == "helper process":
+                    pending.append((r, torch_memory_key(dataclasses.replace(first, threads=r["memory_threads"]))))
+            for r in recs:
+                progress.case_done(_case_line(r, multi_isa))
+            progress.group_done()
             provs = x = t = None  # the providers hold the group's scratch buffer
         inputs.clear()
-        for th, s in measure_read_bandwidth(opts.threads).items():
-            bw[th] += s
+        progress.status("measuring the read bandwidth again")
+        measure_read_bandwidth(opts.threads, bw_bytes, bw_rounds, into=bw)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         if helper is not None:
             helper.close()
+        if tracemalloc.is_tracing():  # interrupted inside a measured call
+            tracemalloc.stop()
         inputs.clear()
         progress.close()
         _core.set_isa(selected_isa)
         if torch_threads is not None:
             import torch
             torch.set_num_threads(torch_threads)
+    for r, key in pending:
+        r["peak_extra_bytes"]["torch"] = torch_sub.get(key)
 
     # The yardstick is the best read (as STREAM reports): contention only ever slows a read.
-    read_gbps = {th: READ_BW_BYTES / min(s) / 1e9 for th, s in bw.items()}
+    read_gbps = {th: bw_bytes / min(s) / 1e9 for th, s in bw.items() if s}
     for r in records:
-        r["read_bw_gbps"] = read_gbps[r["threads"]]
-        r["pct_read_bw"] = 100.0 * r["gbps"] / read_gbps[r["threads"]]
-    ce_cases = [c for c in all_cases if c.family == "classification"]
-    report = {
-        "schema": "fastloss-bench/2",
-        "environment": env,
-        "options": {"sizes": list(dict.fromkeys(c.n for c in all_cases if c.family == "regression")),
-                    "threads": list(opts.threads), "isas": isas,
-                    "quick": opts.quick, "repeat": opts.repeat, "torch": use_torch,
-                    "losses": list(dict.fromkeys(c.loss for c in all_cases)),
-                    "preset": opts.preset,
-                    "shapes": [list(s) for s in dict.fromkeys(c.shape for c in ce_cases)],
-                    "dtypes": list(dict.fromkeys(c.dtype for c in ce_cases)),
-                    "modes": list(dict.fromkeys(c.mode for c in all_cases)),
-                    "numpy_max_elements": numpy_max},
-        "read_bandwidth": {str(th): {"gbps": read_gbps[th], "bytes": READ_BW_BYTES,
-                                     **stats(bw[th])} for th in opts.threads},
+        r["read_bw_gbps"] = read_gbps.get(r["threads"])
+        r["pct_read_bw"] = 100.0 * r["gbps"] / read_gbps[r["threads"]] if r["threads"] in read_gbps else None
+    report.update({
+        "read_bandwidth": {str(th): {"gbps": read_gbps[th], "bytes": bw_bytes, **stats(bw[th])}
+                           for th in opts.threads if th in read_gbps},
         "cases": records,
+        "interrupted": interrupted,
         "wall_time_s": time.perf_counter() - wall0,
         "load_average_end": _loadavg(),
-    }
-    print(format_table(report), file=out)
-    mismatches = [r for r in records if r["agrees_with_numpy"] is False or r.get("torch_agrees") is False]
-    for r in mismatches:
-        print(f"WARNING: results disagree with NumPy: {r['loss']} {_size_label(r)} {r['dtype']} {r['mode']} "
-              f"{r['threads']}t {r['isa']}", file=sys.stderr)
+    })
+    if opts.compare is not None:
+        report["comparison"] = _bench_report.compare(report, opts.compare[1], opts.compare[0])
+    print(_bench_report.format_text(report), file=out, flush=True)
+    for r in records:
+        if r["agrees_with_numpy"] is False or r.get("torch_agrees") is False:
+            print(f"WARNING: results disagree with NumPy: {r['loss']} {record_label(r)} {r['dtype']} {r['mode']} "
+                  f"{r['threads']}t {r['isa']}", file=err)
     if opts.json_path:
         with open(opts.json_path, "w") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
+    if opts.markdown_path:
+        with open(opts.markdown_path, "w") as f:
+            f.write(_bench_report.format_markdown(report))
+    if opts.plot_path:
+        if records:
+            _bench_report.write_plot(report, opts.plot_path)
+        else:
+            print(f"fastloss bench: no finished case, no plot written to {opts.plot_path}", file=err)
     return report
 
 
-def _progress_summary(provs: list[Provider]) -> str:
-    parts = []
-    for p in provs:
-        if p.samples:
-            parts.append(f"{p.key} {format_ms(float(np.median(p.samples)))} ms ({len(p.samples)})")
-    return ", ".join(parts)
-
-
-def _records(gcases: list[Case], provs: list[Provider], ok: dict, acc: dict | None,
-             mem: dict | None) -> list[dict]:
+def _records(gcases: list[Case], provs: list[Provider], ok: dict, errors: dict, err_elements: int,
+             mem: dict, how: dict) -> list[dict]:
     numpy_p = next(p for p in provs if p.name == "numpy")
     np_stats = stats(numpy_p.samples) if numpy_p.timed and numpy_p.samples else None
+    mem_threads = max(p.threads for p in provs if p.name == "fastloss")
     recs = []
     for c in gcases:
         fl = next(p for p in provs if p.name == "fastloss" and p.threads == c.threads and p.isa == c.isa
@@ -1183,25 +1354,25 @@ def _records(gcases: list[Case], provs: list[Provider], ok: dict, acc: dict | No
             "speedup_torch": ts["median_s"] / med if ts else None,
             "agrees_with_numpy": ok.get(fl.key),
             "torch_agrees": ok.get(tp.key) if tp else None,
-            "error_vs_float64": acc,
+            "error_vs_float64": {"fastloss": errors.get(fl.key), "numpy": errors.get(numpy_p.key),
+                                 "torch": errors.get(tp.key) if tp else None},
+            "error_elements": err_elements,
+            "input_bytes": c.n * np.dtype(c.dtype).itemsize,
+            "peak_extra_bytes": {"fastloss": mem.get(("fastloss", c.mode)), "numpy": mem.get(("numpy", None)),
+                                 "torch": mem.get(("torch", None))},
+            "memory_threads": mem_threads,
+            "memory_method": {"fastloss": f"tracemalloc, {how.get(('fastloss', c.mode), 'not measured')}",
+                              "numpy": (f"tracemalloc, {how[('numpy', None)]}" if ("numpy", None) in how
+                                        else "not measured (not timed)"),
+                              "torch": (f"peak RSS growth, {how[('torch', None)]}" if ("torch", None) in how
+                                        else "not measured") if tp else None},
         }
         if c.shape is not None:
             rec["shape"] = list(c.shape)
-        if mem is not None:
-            rec["input_bytes"] = c.n * np.dtype(c.dtype).itemsize
-            rec["peak_extra_bytes"] = {"fastloss": mem.get(("fastloss", c.mode)),
-                                       "numpy": mem.get(("numpy", None)),
-                                       "torch": mem.get(("torch", None))}
-            rec["memory_threads"] = max(p.threads for p in provs if p.name == "fastloss")
-            if tp is not None:
-                rec["memory_torch_method"] = ("peak RSS growth, in process (first timed call)"
-                                              if rec["input_bytes"] >= RSS_IN_PROCESS_MIN_BYTES
-                                              else "peak RSS growth, helper process")
         recs.append(rec)
     return recs
 
-
-# ---- formatting ----------------------------------------------------------------------------------
+# ---- formatting helpers ----------------------------------------------------------------------------
 
 def format_size(n: int) -> str:
     if n >= 1000:
@@ -1216,15 +1387,19 @@ def format_shape(shape) -> str:
     return "x".join(str(int(v)) for v in shape)
 
 
-def _size_label(r: dict) -> str:
+def record_label(r: dict) -> str:
+    """The size of a record of the report: its shape (cross-entropy) or element count."""
     return format_shape(r["shape"]) if r.get("shape") else format_size(r["n"])
 
 
 def parse_size(text: str) -> int:
     """'1e7', '10000000' or '1_000_000' -> int (ValueError if not a positive integer)."""
     s = text.strip().replace("_", "")
-    v = float(s) if any(ch in s for ch in "eE.") else int(s)
-    if v != int(v) or v < 1:
+    try:
+        v = float(s) if any(ch in s for ch in "eE.") else int(s)
+    except ValueError:
+        v = None
+    if v is None or not math.isfinite(v) or v != int(v) or v < 1:
         raise ValueError(f"size must be a positive integer, got {text!r}")
     return int(v)
 
@@ -1252,258 +1427,3 @@ def _ratio(v) -> str:
     if v is None:
         return "-"
     return f"{v:.1f}x" if v >= 10 else f"{v:.2f}x"
-
-
-def format_header(env: dict, use_torch: bool, opts: Options, all_cases: list[Case] | None = None) -> str:
-    all_cases = opts.cases() if all_cases is None else all_cases
-    lines = [
-        f"fastloss {env['fastloss']} benchmark   {env['date']}",
-        f"cpu        {env['cpu']}  ({env['cores']} cores)",
-        f"isa        selected {env['isa_selected']}"
-        + (f" (FASTLOSS_ISA={env['isa_forced_by_env']})" if env["isa_forced_by_env"] else "")
-        + f"; supported {', '.join(env['isa_supported'])}; timed {', '.join(env['isa_timed'])}",
-        f"threads    {', '.join(map(str, env['threads']))}   (OpenMP {'on' if env['openmp'] else 'OFF'})",
-        f"versions   fastloss {env['fastloss']}, numpy {env['numpy']}, "
-        f"torch {env['torch'] or 'not installed'}{'' if use_torch or not env['torch'] else ' (not used)'}, "
-        f"python {env['python']}, {env['compiler']}",
-    ]
-    cases_lines = []
-    reg = [c for c in all_cases if c.family == "regression"]
-    if reg:
-        cases_lines.append(f"regression {reg[0].dtype}, sizes {', '.join(dict.fromkeys(c.size_label for c in reg))}"
-                           + (", --quick" if opts.quick else ""))
-    ce = [c for c in all_cases if c.family == "classification"]
-    if ce:
-        which = ("--quick" if opts.quick else "full set" if opts.preset == "full"
-                 else "default subset; --loss cross_entropy or --full for all")
-        cases_lines.append(
-            f"cross_entropy {', '.join(dict.fromkeys(c.size_label for c in ce))}; "
-            f"{', '.join(dict.fromkeys(c.dtype for c in ce))}; "
-            f"{', '.join(dict.fromkeys(MODE_LABELS[c.mode] for c in ce))}  ({which})")
-    for i, text in enumerate(cases_lines):
-        lines.append(("cases      " if i == 0 else "           ") + text)
-    if env["load_average"]:
-        lines.append(f"load       {env['load_average'][0]:.2f} (1-minute load average at start; "
-                     f"{env['cores']} cores)")
-    return "\n".join(lines)
-
-
-def _format_rows(head: list[str], rows: list, left: set) -> list[str]:
-    widths = [max([len(h)] + [len(row[i]) for row in rows if row]) for i, h in enumerate(head)]
-
-    def fmt(cells):
-        return "  ".join(c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(cells, widths, head)).rstrip()
-    return [fmt(head)] + ["" if row is None else fmt(row) for row in rows]
-
-
-def _format_accuracy(recs: list[dict], has_torch: bool) -> list[str]:
-    """The error table of one family (recs at one size or shape)."""
-    names = ("fastloss", "numpy", "torch") if has_torch else ("fastloss", "numpy")
-    rows, seen, at = [], set(), None
-    many_dtypes = len({r["dtype"] for r in recs}) > 1
-    for r in recs:
-        acc = r.get("error_vs_float64")
-        key = (r["loss"], r["dtype"], "forward" if r["mode"] == "forward" else "with-grad")
-        if not acc or key in seen:
-            continue
-        seen.add(key)
-        at = r
-        rows.append([r["loss"]] + ([r["dtype"]] if many_dtypes else []) + [key[2]]
-                    + [f"{acc[k]:.1e}" if k in acc else "-" for k in names])
-    if not rows:
-        return []
-    head = ["loss"] + (["dtype"] if many_dtypes else []) + ["mode", "fastloss", "NumPy"] \
-        + (["torch"] if has_torch else [])
-    where = f"n={format_size(at['n'])}" if not at.get("shape") else format_shape(at["shape"])
-    lead = f"error at {where} against fastloss.reference in float64 (one call each; forward: relative"
-    tail = ("error of the loss; with-grad: max |gradient error| / max |gradient|; float32 results round at ~6e-8"
-            + (", float16 gradients at ~5e-4" if any(r["dtype"] == "float16" for r in recs) else "")
-            + ("; '-': not timed" if any(not r["numpy_timed"] for r in recs if r.get("error_vs_float64")) else "")
-            + "):")
-    intro = [lead, tail] if at["family"] == "regression" else _note(lead + " " + tail, first="")
-    return [""] + intro + _format_rows(head, rows, {"loss", "mode", "dtype"})
-
-
-def _regression_table(recs: list[dict], first_isa: str, has_torch: bool) -> list[str]:
-    multi_isa = len({r["isa"] for r in recs}) > 1
-    head = ["loss", "n", "mode", "thr"] + (["isa"] if multi_isa else []) + ["fastloss", "NumPy"] \
-        + (["torch"] if has_torch else []) + ["NumPy/fl"] + (["torch/fl"] if has_torch else []) \
-        + ([f"vs {first_isa}"] if multi_isa else []) + ["GB/s", "%read"]
-    base = {(r["loss"], r["n"], r["mode"], r["threads"]): r["fastloss"]["median_s"]
-            for r in recs if r["isa"] == first_isa}
-    rows, prev_n = [], None
-    for r in recs:
-        if prev_n is not None and r["n"] != prev_n:
-            rows.append(None)
-        prev_n = r["n"]
-        row = [r["loss"], format_size(r["n"]), r["mode"].replace("_", "-"), str(r["threads"])]
-        row += _timing_cells(r, has_torch, multi_isa, base.get((r["loss"], r["n"], r["mode"], r["threads"])))
-        rows.append(row)
-    return _format_rows(head, rows, {"loss", "mode", "isa"})
-
-
-def _timing_cells(r: dict, has_torch: bool, multi_isa: bool, base_med) -> list[str]:
-    """The cells every table shares: [isa], times, speedups, [vs the first ISA], GB/s, %read
-    (flagged with ' !' when a provider disagreed with NumPy in the warm-up check)."""
-    med = r["fastloss"]["median_s"]
-    cells = [r["isa"]] if multi_isa else []
-    cells += [format_ms(med), format_ms(r["numpy"]["median_s"]) if r["numpy"] else "-"]
-    if has_torch:
-        cells.append(format_ms(r["torch"]["median_s"]) if r["torch"] else "-")
-    cells.append(_ratio(r["speedup_numpy"]))
-    if has_torch:
-        cells.append(_ratio(r["speedup_torch"]))
-    if multi_isa:
-        cells.append(_ratio(base_med / med) if base_med else "-")
-    cells += [f"{r['gbps']:.1f}", f"{r['pct_read_bw']:.0f}%"]
-    if r["agrees_with_numpy"] is False or r["torch_agrees"] is False:
-        cells[-1] += " !"
-    return cells
-
-
-def _mem_cell(r: dict, who: str) -> str:
-    v = (r.get("peak_extra_bytes") or {}).get(who)
-    if v is None:
-        return "-"
-    return f"{v / r['input_bytes']:.2f}"
-
-
-def _ce_table(recs: list[dict], first_isa: str, has_torch: bool) -> list[str]:
-    multi_isa = len({r["isa"] for r in recs}) > 1
-    multi_loss = len({r["loss"] for r in recs}) > 1
-    head = (["loss"] if multi_loss else []) + ["shape", "dtype", "mode", "thr"] + (["isa"] if multi_isa else []) \
-        + ["fastloss", "NumPy"] + (["torch"] if has_torch else []) + ["NumPy/fl"] \
-        + (["torch/fl"] if has_torch else []) + ([f"vs {first_isa}"] if multi_isa else []) \
-        + ["GB/s", "%read", "mem:fl", "mem:NumPy"] + (["mem:torch"] if has_torch else [])
-    base = {(r["loss"], tuple(r["shape"]), r["dtype"], r["mode"], r["threads"]): r["fastloss"]["median_s"]
-            for r in recs if r["isa"] == first_isa}
-    rows, prev = [], None
-    for r in recs:
-        key = (r["loss"], tuple(r["shape"]), r["dtype"])
-        if prev is not None and key != prev:
-            rows.append(None)
-        prev = key
-        row = ([r["loss"]] if multi_loss else []) + [format_shape(r["shape"]), r["dtype"], MODE_LABELS[r["mode"]],
-                                                     str(r["threads"])]
-        row += _timing_cells(r, has_torch, multi_isa,
-                             base.get((r["loss"], tuple(r["shape"]), r["dtype"], r["mode"], r["threads"])))
-        row += [_mem_cell(r, "fastloss"), _mem_cell(r, "numpy")] + ([_mem_cell(r, "torch")] if has_torch else [])
-        rows.append(row)
-    return _format_rows(head, rows, {"loss", "shape", "dtype", "mode", "isa"})
-
-
-def _numpy_limit_text(numpy_max: dict, dtypes) -> str:
-    limits = {d: numpy_max.get(d) for d in dtypes}
-    if len(set(limits.values())) == 1:
-        lim = next(iter(limits.values()))
-        return "at every shape" if lim is None else f"up to {_elements_text(lim)} elements"
-    return "; ".join(f"{d} {'at every shape' if lim is None else 'up to ' + _elements_text(lim) + ' elements'}"
-                     for d, lim in limits.items())
-
-
-def _elements_text(n: int) -> str:
-    return f"2**{n.bit_length() - 1}" if n & (n - 1) == 0 else format_size(n)
-
-
-def _note(text: str, first: str = "  ", width: int = 112) -> list[str]:
-    """A footnote paragraph, wrapped, continuation lines indented by two spaces."""
-    return textwrap.wrap(text, width=width, initial_indent=first, subsequent_indent="  ",
-                         break_on_hyphens=False, break_long_words=False)
-
-
-def _ce_notes(recs: list[dict], report: dict, has_torch: bool) -> list[str]:
-    opts = report["options"]
-    modes = {r["mode"] for r in recs}
-    threads = recs[0].get("memory_threads")
-    skipped = list(dict.fromkeys(f"{format_shape(r['shape'])} {r['dtype']}" for r in recs if not r["numpy_timed"]))
-    lines = _note("cross-entropy: reduction='mean', class-index targets, logits ~ N(0, 1) (float16: the float32 "
-                  "values rounded).  GB/s = logits bytes read (+ gradient bytes written for with-grad) / fastloss "
-                  "median (the targets, 8 bytes a row, are not counted); %read = that rate / the read bandwidth at "
-                  "the same thread count.", first="")
-    if modes & {"with_grad", "with_grad_out", "with_grad_inplace"}:
-        lines += _note(
-            "with-grad = cross_entropy_with_grad(x, t), a new gradient array"
-            + ("; out= : grad_out = a preallocated array (allocated and first written before timing, reused by every "
-               "call)" if "with_grad_out" in modes else "")
-            + ("; in-place: grad_out = logits, on a copy of the logits that np.copyto refreshes before each call, "
-               "outside the timed region (the copy leaves at most a last-level cache's worth of them in cache)"
-               if "with_grad_inplace" in modes else "") + ".")
-    lines += _note("NumPy = fastloss.reference.cross_entropy(x, t, dtype=None) (with-grad: + cross_entropy_grad), "
-                   "computed in the logits' dtype, one thread"
-                   + ("; torch = torch.nn.functional.cross_entropy(x, t) (with-grad: + torch.autograd.grad, a fresh "
-                      "gradient), torch.set_num_threads(thr)" if has_torch else "") + "."
-                   + ("  Neither has out= or an in-place gradient: every with-grad row of a shape and dtype shows the "
-                      "same competitor times, measured once in that group, interleaved with all the fastloss "
-                      "variants." if modes & {"with_grad_out", "with_grad_inplace"} else ""))
-    if skipped:
-        lines += _note(
-            f"NumPy '-' = not timed at {', '.join(skipped)} (it still takes part in the warm-up check, on the first "
-            "rows): one NumPy call takes ~1.3 s forward / ~3 s with-grad at 8192x32000 float32 and ~10 s / ~45 s "
-            "in float16, so this run times NumPy " + _numpy_limit_text(opts["numpy_max_elements"], opts["dtypes"])
-            + ("." if opts.get("preset") == "full" else
-               "; --loss cross_entropy and --full time it at every float32 shape and in float16 up to 32768x1024."))
-    method = report["environment"].get("memory_methods", {}).get("torch")
-    text = (f"mem:* = peak extra memory during one call at {threads} thread{'s' if threads != 1 else ''}, its "
-            "result included, / logits bytes; the caller's grad_out is not counted.  fastloss and NumPy: "
-            "tracemalloc, in an untimed call (fastloss allocates its outputs through NumPy).")
-    if has_torch:
-        text += ("  torch (it keeps no CPU allocator statistics): growth of the peak RSS (VmHWM, reset via "
-                 "/proc/self/clear_refs), in this process during its first timed call for logits >= 32 MiB "
-                 "(glibc gives such arrays fresh pages), and for smaller logits in a helper process with "
-                 f"MALLOC_MMAP_THRESHOLD_={SUBPROCESS_MMAP_THRESHOLD} after a warm-up call; page-granular."
-                 if method else "  torch: not measured (needs /proc/self/clear_refs to reset the peak RSS).")
-    lines += _note(text)
-    return lines
-
-
-def format_table(report: dict) -> str:
-    recs = report["cases"]
-    has_torch = any(r["torch"] for r in recs)
-    first_isa = report["options"]["isas"][0]
-    reg = [r for r in recs if r.get("family", "regression") == "regression"]
-    ce = [r for r in recs if r.get("family") == "classification"]
-    multi_isa = len({r["isa"] for r in recs}) > 1
-    lines = ["", "times: median milliseconds; ratios > 1x: fastloss is faster"]
-    if reg:
-        lines += _regression_table(reg, first_isa, has_torch)
-    if ce:
-        lines += ["", "cross-entropy (shape = rows x classes; mem:* = peak extra memory / logits bytes):"]
-        lines += _ce_table(ce, first_isa, has_torch)
-    rb = report["read_bandwidth"]
-    bw = ", ".join(f"{th} thread{'s' if th != '1' else ''} {v['gbps']:.1f} GB/s" for th, v in rb.items())
-    counts = {}
-    for r in recs:
-        c = counts.setdefault(_size_label(r), set())
-        c.update(p["count"] for p in (r["fastloss"], r["numpy"], r["torch"]) if p)
-    counts = {k: (f"{min(v)}" if len(v) == 1 else f"{min(v)}-{max(v)}") for k, v in counts.items()}
-    lines += [
-        "",
-        f"read bandwidth: {bw}",
-        f"  (fastloss._core.read_sum_f32 on a 1 GiB float32 array; best of {2 * READ_BW_ROUNDS} reads, "
-        "half before and half after the cases)",
-    ]
-    if reg:
-        lines += [
-            "GB/s = bytes of input + target read, plus gradient bytes written for with-grad, / fastloss median: the",
-            "  minimum traffic, so an implementation that makes two passes (rmse with-grad) shows a lower GB/s;",
-            "  %read = that rate / the read bandwidth at the same thread count; writes are slower than reads, and",
-            "  small sizes run from cache between calls (and can pass 100%).",
-            "NumPy = fastloss.reference.<loss>(x, t, dtype=None), computed in float32 (with-grad: + <loss>_grad);",
-            "  single-threaded: timed once per loss/size/mode and shown on each thread row.",
-        ]
-        if has_torch:
-            lines.append("torch = torch.nn.functional.<loss> (rmse: sqrt(mse_loss)), torch.set_num_threads(thr);")
-            lines.append("  with-grad: forward + torch.autograd.grad with respect to the input.")
-    if ce:
-        lines += _ce_notes(ce, report, has_torch)
-    if multi_isa:
-        lines.append(f"vs {first_isa} = fastloss time with {first_isa} / time with this ISA (same run).")
-    lines.append("calls timed per provider after a warm-up, providers interleaved: "
-                 + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "; quartiles in --json.")
-    lines += _format_accuracy(reg, has_torch)
-    lines += _format_accuracy(ce, has_torch)
-    if any(r["agrees_with_numpy"] is False or r["torch_agrees"] is False for r in recs):
-        lines.append("! = fastloss or torch disagrees with NumPy in the warm-up call (see stderr).")
-    end = report.get("load_average_end")
-    lines.append(f"wall time {report['wall_time_s']:.0f} s" + (f"; load average at end {end[0]:.2f}" if end else ""))
-    return "\n".join(lines)

@@ -7,7 +7,8 @@ Everything that more than one test module needs lives here, once:
 * the registry-driven case lists (``loss_cases``) and the keyword plumbing that hides the
   one irregularity of the API (``rmse`` has no ``reduction``);
 * dtype names -> dtypes (bfloat16 through ``ml_dtypes``, skipped when it is missing);
-* ``run_python``: run a snippet in a fresh interpreter that imports the same fastloss build.
+* ``run_python`` (and ``python_env``): run a snippet in a fresh interpreter that imports the
+  same fastloss build.
 """
 from __future__ import annotations
 
@@ -188,6 +189,15 @@ def fastloss_import_root() -> str:
     return str(Path(fastloss.__file__).resolve().parent.parent)
 
 
+def python_env(env_extra=None, drop=("FASTLOSS_ISA", "OMP_NUM_THREADS")) -> dict:
+    """The environment of a fresh interpreter that imports the same fastloss build."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join([fastloss_import_root()] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(env_extra or {})
+    return env
+
+
 def run_python(args, cwd, env_extra=None, drop=("FASTLOSS_ISA", "OMP_NUM_THREADS"), timeout=120, prefix=()):
     """Run `python <args>` in a fresh interpreter that imports the same fastloss build.
 
@@ -195,9 +205,5 @@ def run_python(args, cwd, env_extra=None, drop=("FASTLOSS_ISA", "OMP_NUM_THREADS
     directory cannot shadow an installed build.  `prefix` is prepended to the command
     line (e.g. an emulator: ("qemu-x86_64", "-cpu", "Haswell")).
     """
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["PYTHONPATH"] = os.pathsep.join([fastloss_import_root()] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(env_extra or {})
-    return subprocess.run([*prefix, sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*prefix, sys.executable, *args], cwd=cwd, env=python_env(env_extra, drop),
+                          capture_output=True, text=True, timeout=timeout)
