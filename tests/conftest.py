@@ -43,6 +43,7 @@ settings.load_profile("fastloss")
 def pytest_configure(config):
     # Also declared in pyproject.toml; repeated so that the marker is known whatever ini file is used.
     config.addinivalue_line("markers", "slow: long-running cases (large arrays); they run in CI too")
+    config.addinivalue_line("markers", "qemu: runs the build under QEMU's user-mode emulation of other CPUs")
 
 
 def pytest_report_header(config):

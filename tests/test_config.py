@@ -97,6 +97,7 @@ def _unsupported_isa_runs():
     return [((qemu, "-cpu", cpu), n) for cpu, names in emulated.items() for n in names if n in _core.isa_compiled()]
 
 
+@pytest.mark.qemu
 def test_fastloss_isa_env_unsupported_isa_fails_at_import(tmp_path):
     runs = _unsupported_isa_runs()
     if not runs:

@@ -19,6 +19,7 @@ pytestmark = [
     pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 only"),
     pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 (Debian: qemu-user) is not installed"),
     pytest.mark.slow,
+    pytest.mark.qemu,
 ]
 
 SCRIPT = r"""
