@@ -41,7 +41,11 @@ source "$work/venv/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet ml_dtypes 2>/dev/null || echo "sanitize.sh: ml_dtypes unavailable (bfloat16 tests skipped)"
 echo "sanitize.sh: building with FASTLOSS_SANITIZE=address,undefined"
-if ! FASTLOSS_SANITIZE=address,undefined python -m pip install --no-cache-dir "$repo[test]" >"$work/pip.log" 2>&1; then
+# Built from a copy without build products: pip builds in the source tree, and sanitized objects
+# left in build/ would be linked into the next plain build there.
+mkdir -p "$work/src"
+tar -C "$repo" --exclude=./build --exclude=./.git --exclude='*.so' --exclude='__pycache__' -cf - . | tar -C "$work/src" -xf -
+if ! FASTLOSS_SANITIZE=address,undefined python -m pip install --no-cache-dir "$work/src[test]" >"$work/pip.log" 2>&1; then
     cat "$work/pip.log"; echo "sanitize.sh: the sanitized build failed" >&2; exit 2
 fi
 
