@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 REDUCTIONS = ("mean", "sum", "none")
+_PLAIN_FLOATS = (np.float16, np.float32, np.float64)
 
 
 def _is_bfloat16(dt: np.dtype) -> bool:
@@ -47,6 +48,8 @@ def as_float_array(x, name: str) -> np.ndarray:
         if a.dtype.kind in "iub" and isinstance(x, (list, tuple, int, float, np.number, np.bool_)):
             a = a.astype(np.float64)
     dt = a.dtype
+    if dt.type in _PLAIN_FLOATS and dt.isnative and a.flags.aligned:     # the common case, quickly
+        return a
     if not is_supported_float(dt):
         if dt.kind == "f":
             # e.g. float128 (longdouble): no kernel

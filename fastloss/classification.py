@@ -37,6 +37,8 @@ from fastloss import _core
 from fastloss._config import resolve_num_threads
 from fastloss._validation import as_float_array, check_grad_out, check_reduction
 
+_F32_OVERFLOW = (2.0 - 2.0 ** -24) * 2.0 ** 127     # the smallest double that rounds to float32 inf
+
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "log_softmax", "softmax", "logsumexp", "nll_loss",
            "perplexity"]
 
@@ -51,6 +53,10 @@ def _class_axis(ndim: int, axis) -> int:
 
 def _rows_layout(x: np.ndarray, axis: int) -> np.ndarray:
     """`x` with the class axis last and of unit stride (a view when possible)."""
+    if axis == x.ndim - 1:
+        if x.shape[-1] <= 1 or x.strides[-1] == x.itemsize:
+            return x
+        return np.ascontiguousarray(x)
     v = np.moveaxis(x, axis, -1)
     if v.shape[-1] > 1 and v.strides[-1] != v.itemsize:
         v = np.ascontiguousarray(v)
@@ -81,7 +87,7 @@ def _check_options(label_smoothing, z_loss, softcap):
 
 
 def _is_float_dtype(dt: np.dtype) -> bool:
-    return dt.kind == "f" or (dt.name == "bfloat16" and dt.itemsize == 2)
+    return dt.kind == "f" or (dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16")
 
 
 def _soft_target(target, x0: np.ndarray, x: np.ndarray, axis: int, ignore_index: int):
@@ -138,6 +144,8 @@ def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: i
         r = int(np.argmax(t.reshape(-1)))
         raise IndexError(f"target {int(t.reshape(-1)[r])} at row {r} is out of range for {V} classes")
     t64 = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
+    if t64.size == 0 or (0 <= int(t64.min()) and int(t64.max()) < V):
+        return t64                                  # every target a class (the common case)
     bad = (t64 != ignore_index) & ((t64 < 0) | (t64 >= V))
     if bad.any():
         r = int(np.flatnonzero(bad)[0])
@@ -193,6 +201,13 @@ class _CE:
         if self.q is not None:          # torch: the mean over rows (here: over sample weights)
             self.denominator = float(np.sum(self.sw)) if self.sw is not None else float(math.prod(self.rows_shape))
         else:
+            n = self.t.size
+            if self.cw is None and self.sw is None:
+                ignored = np.count_nonzero(self.t == self.ignore_index) if 0 <= self.ignore_index < self.V or (
+                    n and int(self.t.min()) < 0) else 0
+                self.denominator = float(n - ignored)
+                self.loss_dtype = _loss_dtype(self.x)
+                return
             active = self.t != self.ignore_index
             w_rows = np.where(active, self.cw[np.where(active, self.t, 0)] if self.cw is not None else 1.0, 0.0)
             if self.sw is not None:
@@ -218,8 +233,9 @@ class _CE:
         total = float(np.sum(row_loss))
         if self.reduction == "mean":
             total = total / self.denominator if self.denominator != 0 else math.nan
-        with np.errstate(over="ignore"):
-            return self.loss_dtype.type(total)
+        if self.loss_dtype == np.float32 and math.isfinite(total) and abs(total) >= _F32_OVERFLOW:
+            total = math.copysign(math.inf, total)      # as the cast would, without its warning
+        return self.loss_dtype.type(total)
 
 
 def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_index=-100, reduction="mean",
