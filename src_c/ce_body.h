@@ -259,17 +259,67 @@ static inline __m512 ce_v_expf(__m512 y)
     return _mm512_maskz_mov_ps(keep, ce_v_exp2_poly(_mm512_max_ps(lo, t)));
 }
 
-/* exp(x - m) inside sums, unflushed (>= 2^-126), as ce_expf_sum */
-static inline __m512 ce_v_expf_sum(__m512 x, __m512 m)
-{
-    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, m), _mm512_set1_ps(1.44269504088896341f));
-    return ce_v_exp2_poly(_mm512_max_ps(_mm512_set1_ps(-126.0f), t));
-}
-
 static inline __mmask16 ce_v_tail(int64_t n) { return (__mmask16)((1u << n) - 1u); }  /* n < 16 */
 
-static __attribute__((noinline)) void ce_block_maxsum_f32(const float *v, int64_t nb, float *mp, float *sp)
+/* sum exp(x - m) over a block for a finite m, in float.
+ * exact = 1: t = (x - m) log2(e): the entries equal to m give exactly 1 (a row whose other
+ * entries are -inf has loss exactly 0).  exact = 0 (m a reference, not the block's max): one op
+ * fewer, t = x log2(e) - mhi by one fma, with mhi = m log2(e) rounded and delta = m log2(e) - mhi
+ * its exact residual: t = (x - m) log2(e) + delta rounded once, and the common factor 2^delta is
+ * divided out of the sum at the end (one more rounding of the sum). */
+static inline float ce_v_sumexp(const float *v, int64_t nb, float m, int exact)
 {
+    const float L = 1.44269504088896341f;
+    const float mhi = m * L, delta = fmaf(m, L, -mhi);
+    const __m512 Lv = _mm512_set1_ps(L), mv = _mm512_set1_ps(m), nmhi = _mm512_set1_ps(-mhi),
+                 lo = _mm512_set1_ps(-126.0f);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+#define CE_V_SUMLOOP(T)                                                                          \
+    for (; i + 32 <= nb; i += 32) {                                                              \
+        s0 = _mm512_add_ps(s0, ce_v_exp2_poly(_mm512_max_ps(lo, T(_mm512_loadu_ps(v + i)))));      \
+        s1 = _mm512_add_ps(s1, ce_v_exp2_poly(_mm512_max_ps(lo, T(_mm512_loadu_ps(v + i + 16))))); \
+    }                                                                                            \
+    for (; i + 16 <= nb; i += 16)                                                                \
+        s0 = _mm512_add_ps(s0, ce_v_exp2_poly(_mm512_max_ps(lo, T(_mm512_loadu_ps(v + i)))));      \
+    if (i < nb) {                                                                                \
+        const __mmask16 k = ce_v_tail(nb - i);                                                   \
+        const __m512 e = ce_v_exp2_poly(_mm512_max_ps(lo, T(_mm512_maskz_loadu_ps(k, v + i))));  \
+        s1 = _mm512_mask_add_ps(s1, k, s1, e);                                                   \
+    }
+#define CE_V_T_EXACT(x) _mm512_mul_ps(_mm512_sub_ps((x), mv), Lv)
+#define CE_V_T_FOLD(x) _mm512_fmadd_ps((x), Lv, nmhi)
+    if (exact) {
+        CE_V_SUMLOOP(CE_V_T_EXACT)
+    } else {
+        CE_V_SUMLOOP(CE_V_T_FOLD)
+    }
+#undef CE_V_SUMLOOP
+#undef CE_V_T_EXACT
+#undef CE_V_T_FOLD
+    const float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    return exact || delta == 0.0f ? s : (float)((double)s * exp2(-(double)delta));
+}
+
+/* Block (max, sum exp(x - max)).  With a finite `mref` (the running max of the part's earlier
+ * blocks) the max pass is skipped: the block is summed against mref and (mref, s) returned if
+ * s < 2^8, i.e. if no entry exceeds mref by more than ln(256) = 5.5 -- the usual case once a
+ * row's first block is read.  The pair then stands for the block as well as its exact max
+ * would (the part merges pairs by rescaling; the row's lse is the same), and the row's final
+ * reference stays within 5.5 of its true max, so the output pass (which shifts to the lse, see
+ * ce_finish_row) loses nothing.  Otherwise -- a larger entry, +inf, NaN (s is NaN), or the first
+ * block -- the exact path below. */
+static __attribute__((noinline)) void ce_block_maxsum_f32(const float *v, int64_t nb, float mref, float *mp,
+                                                          float *sp)
+{
+    if (mref > -INFINITY && mref < INFINITY) {
+        const float s = ce_v_sumexp(v, nb, mref, 0);
+        if (s < 256.0f) {
+            *mp = mref;
+            *sp = s;
+            return;
+        }
+    }
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
     int64_t i = 0;
@@ -285,18 +335,7 @@ static __attribute__((noinline)) void ce_block_maxsum_f32(const float *v, int64_
     float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
     float s;
     if (m > -INFINITY && m < INFINITY) {
-        const __m512 mv = _mm512_set1_ps(m);
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-        for (i = 0; i + 32 <= nb; i += 32) {
-            s0 = _mm512_add_ps(s0, ce_v_expf_sum(_mm512_loadu_ps(v + i), mv));
-            s1 = _mm512_add_ps(s1, ce_v_expf_sum(_mm512_loadu_ps(v + i + 16), mv));
-        }
-        for (; i + 16 <= nb; i += 16) s0 = _mm512_add_ps(s0, ce_v_expf_sum(_mm512_loadu_ps(v + i), mv));
-        if (i < nb) {
-            const __mmask16 k = ce_v_tail(nb - i);
-            s1 = _mm512_mask_add_ps(s1, k, s1, ce_v_expf_sum(_mm512_maskz_loadu_ps(k, v + i), mv));
-        }
-        s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        s = ce_v_sumexp(v, nb, m, 1);
     } else {                          /* all -inf (s = 0) or a +inf (s = 1): unless a NaN */
         s = m > 0 ? 1.0f : 0.0f;
         for (i = 0; i < nb; i++)
@@ -374,9 +413,10 @@ CE_BLOCK_MAX(f32, float)
 CE_BLOCK_MAX(f64, double)
 
 #define CE_BLOCK_MAXSUM(DT, R, EXP, EXPSUM)                                                    \
-    static __attribute__((noinline)) void ce_block_maxsum_##DT(const R *v, int64_t nb, R *mp,  \
-                                                               R *sp)                          \
+    static __attribute__((noinline)) void ce_block_maxsum_##DT(const R *v, int64_t nb, R mref, \
+                                                               R *mp, R *sp)                   \
     {                                                                                          \
+        (void)mref;                   /* (a hint the AVX-512 variant uses) */                  \
         R m = -INFINITY, s = 0;                                                                \
         m = ce_block_max_##DT(v, nb);                                                          \
         if (m > -INFINITY && m < INFINITY) {  /* a NaN in the block makes s NaN (exp) */  \
@@ -410,7 +450,7 @@ CE_BLOCK_MAXSUM(f64, double, ce_exp, ce_exp(v[i] - m))
             const R *v = ce_load_##DT(x + b, buf, nb, cap, inv_cap);                           \
             if (t_off >= b && t_off < b + nb) st->xt = (double)v[t_off - b];                   \
             R m, s, wx = 0;                                                                    \
-            ce_block_maxsum_##DT(v, nb, &m, &s);                                               \
+            ce_block_maxsum_##DT(v, nb, (R)M, &m, &s);                                               \
             if (!need_wx) {                                                                    \
             } else if (cw) {                                                                   \
                 double wxd = 0.0;                                                              \
@@ -576,7 +616,7 @@ CE_BLOCK_SOFT_SUMS(f64, double)
             const R *qv = ce_load_q_##DT(qb, q_is_compute, qbuf, nb);                          \
             R m, s;                                                                            \
             double wq, wqx;                                                                    \
-            ce_block_maxsum_##DT(v, nb, &m, &s);                                               \
+            ce_block_maxsum_##DT(v, nb, (R)M, &m, &s);                                               \
             ce_block_soft_sums_##DT(v, qv, nb, cw ? cw + b : NULL, keep, add, &wq, &wqx);      \
             WQ += wq;                                                                          \
             WQX += wqx;                                                                        \
@@ -768,6 +808,15 @@ static ce_row ce_finish_row(const fl_ce_job *J, int64_t r, const ce_stats *parts
     R.M = M == INFINITY ? NAN : M;
     R.lS = log(S);
     if (M == INFINITY) R.lse = NAN;
+    if (J->dtype != FL_F64 && isfinite(R.lse)) {
+        /* Float outputs: exp((x - M) - lS) with M = the largest float <= lse, lS = lse - M in
+         * [0, ulp): x - M is exact near the top of the row and <= 0 everywhere, lS adds no
+         * rounding, whatever the reference max the stats ended with (ce_block_maxsum_f32). */
+        float Mf = (float)R.lse;
+        if ((double)Mf > R.lse) Mf = nextafterf(Mf, -INFINITY);
+        R.M = (double)Mf;
+        R.lS = R.lse - R.M;
+    }
     if (J->mode != FL_CE_OUT_GRAD && !J->row_loss) return R;
     if (J->soft_target) {                     /* Q = sum w q', QX = sum w q' x: see the top */
         double Q = 0.0, QX = 0.0;
