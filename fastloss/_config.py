@@ -32,20 +32,33 @@ def _check_thread_count(n, name="num_threads"):
 
 
 def set_num_threads(n: int | None) -> None:
-    """Set the package-wide default thread count (``None`` restores the OpenMP default).
+    """Set the process-wide default thread count (``None`` restores the OpenMP default).
 
-    ``-1`` means all cores.  A ``num_threads=`` argument of a call overrides it.
+    ``-1`` means all cores.  A ``num_threads=`` argument of a call overrides it for that
+    call only.
+
+    The setting is process-wide, as ``torch.set_num_threads``: it applies to the calls of
+    every Python thread, including threads already running (a thread pool started before
+    it).  To give one thread its own count without affecting the others, pass
+    ``num_threads=`` to its calls: the argument changes no state (neither this default nor
+    OpenMP's), so concurrent callers with different counts do not see each other's.
     """
     global _package_default
     _package_default = None if n is None else _check_thread_count(n, "n")
 
 
 def get_num_threads() -> int:
-    """The thread count a call with ``num_threads=None`` uses right now: the value set by
-    :func:`set_num_threads`, else OpenMP's default (``OMP_NUM_THREADS``,
-    ``threadpoolctl.threadpool_limits``), else 1 without OpenMP."""
-    if _package_default is not None:
-        return _package_default
+    """The thread count a call with ``num_threads=None`` made by this thread uses now.
+
+    The value set by :func:`set_num_threads` (process-wide), else OpenMP's default for the
+    calling thread, ``omp_get_max_threads()`` (``OMP_NUM_THREADS``; a
+    ``threadpoolctl.threadpool_limits`` block applies, as for any OpenMP code, to the
+    thread that entered it), else 1 without OpenMP.  Calls never change it: the kernels
+    pass their count to each parallel region and never call ``omp_set_num_threads``.
+    """
+    n = _package_default          # read once: another thread may reset it meanwhile
+    if n is not None:
+        return n
     return max(1, _core.omp_max_threads())
 
 

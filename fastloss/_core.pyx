@@ -163,6 +163,11 @@ def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, 
         tg = target
         if tg.dtype != np.int64 or not tg.flags.c_contiguous or tg.size != n_rows:
             raise ValueError("internal: bad target array")
+        # A private snapshot (n_rows int64, small next to the logits): the kernel checks the
+        # targets and then indexes with them (class_weight[t]) with the GIL released, so
+        # another Python thread writing the caller's array in between would make it read out
+        # of bounds.  Nobody else can write the copy: the check holds for every later read.
+        tg = tg.copy()
         job.target = <const int64_t *>cnp.PyArray_DATA(tg)
     if soft_target is not None:
         q = soft_target
