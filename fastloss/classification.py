@@ -84,6 +84,15 @@ def _is_float_dtype(dt: np.dtype) -> bool:
     return dt.kind == "f" or (dt.name == "bfloat16" and dt.itemsize == 2)
 
 
+def _target_array(target) -> np.ndarray:
+    if isinstance(target, np.ndarray):
+        return target
+    try:
+        return np.asarray(target)
+    except (ValueError, TypeError) as exc:          # ragged lists and the like
+        raise TypeError(f"target could not be converted to an array: {exc}") from None
+
+
 def _soft_target(target, x0: np.ndarray, x: np.ndarray, axis: int, ignore_index: int):
     """Class probabilities laid out like the rows `x` (class axis last, unit stride), or None
     if `target` is not a float array of the logits' shape (then it holds class indices).
@@ -92,7 +101,7 @@ def _soft_target(target, x0: np.ndarray, x: np.ndarray, axis: int, ignore_index:
     converted to the kernel's compute type, float32 (float64 for float64 logits)."""
     if target is None or isinstance(target, (str, bytes, dict, set)):
         return None
-    t = target if isinstance(target, np.ndarray) else np.asarray(target)
+    t = _target_array(target)
     if t.shape != x0.shape or not _is_float_dtype(t.dtype):
         return None
     t = as_float_array(t, "target")
@@ -113,7 +122,7 @@ def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: i
     """The class-index target as a C-contiguous int64 array in row order, validated."""
     if target is None or isinstance(target, (str, bytes, dict)):
         raise TypeError(f"target must be an array of class indices, got {type(target).__name__}")
-    t = np.asarray(target)
+    t = _target_array(target)
     if _is_float_dtype(t.dtype) and t.shape == logits_shape:   # cross_entropy takes these before
         raise ValueError(f"{func} takes class indices (an integer target of shape {rows_shape}); class "
                          f"probabilities (a float target of the logits' shape {logits_shape}) are supported by "
@@ -455,7 +464,7 @@ def perplexity(logits, target, *, ignore_index=-100, num_threads=None):
     np.float64(10.000000000000002)
     """
     if target is not None and not isinstance(target, (str, bytes, dict, set)):
-        t = target if isinstance(target, np.ndarray) else np.asarray(target)
+        t = _target_array(target)
         if _is_float_dtype(t.dtype) and t.shape == np.shape(logits):
             raise ValueError(f"perplexity takes class indices (an integer target of the logits' shape without the "
                              f"class axis); class probabilities (a float target of the logits' shape {t.shape}) are "
