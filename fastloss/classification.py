@@ -433,6 +433,8 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
     if x0.ndim == 0:
         raise ValueError("log_probs must have at least one dimension (the classes)")
     V = x0.shape[-1]
+    if V == 0:
+        raise ValueError("log_probs have 0 classes")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     reduction = check_reduction(reduction)
