@@ -84,6 +84,14 @@ def _is_float_dtype(dt: np.dtype) -> bool:
     return dt.kind == "f" or (dt.name == "bfloat16" and dt.itemsize == 2)
 
 
+def _int64(value, name: str) -> int:
+    """An int option compared with int64 class indices (and passed to C as int64)."""
+    v = int(value)
+    if not -2 ** 63 <= v < 2 ** 63:
+        raise ValueError(f"{name} must fit in int64, got {v}")
+    return v
+
+
 def _target_array(target) -> np.ndarray:
     if isinstance(target, np.ndarray):
         return target
@@ -191,7 +199,7 @@ class _CE:
         self.rows_shape = self.x.shape[:-1]
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _int64(ignore_index, "ignore_index")
         self.reduction = check_reduction(reduction)
         self.ls, self.z, self.cap = _check_options(label_smoothing, z_loss, softcap)
         self.q = _soft_target(target, x0, self.x, self.axis, self.ignore_index)
@@ -437,6 +445,7 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
         raise ValueError("log_probs have 0 classes")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _int64(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
     resolve_num_threads(num_threads)          # validated; the gather is O(rows)
     rows_shape = x0.shape[:-1]
