@@ -154,7 +154,7 @@ def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: i
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
         r = int(np.argmax(t.reshape(-1)))
         raise IndexError(f"target {int(t.reshape(-1)[r])} at row {r} is out of range for {V} classes")
-    t64 = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
+    t64 = np.require(t, np.int64, ("C", "A")).reshape(-1)     # aligned too: C reads it as int64_t
     bad = (t64 != ignore_index) & ((t64 < 0) | (t64 >= V))
     if bad.any():
         r = int(np.flatnonzero(bad)[0])
