@@ -61,14 +61,15 @@ static inline double loss_mse(double d, double p, double q) { (void)p; (void)q; 
 static inline double grad_mse(double d, double p, double r, double s) { (void)p; (void)r; return 2.0 * d * s; }
 
 /* sign(d) * s: 0 at 0, NaN at NaN.  Scaling by 2^1200 (two exact steps) takes every
- * nonzero double, subnormals included, beyond any |s| we can meet, so the clamp gives
- * +-|s|.  (At d = +-inf with s == 0 the product is NaN; s == 0 only occurs when the
- * loss itself is 0 or NaN.) */
+ * nonzero double, subnormals included, to at least 2^126 (or to inf), so the clamp gives
+ * exactly +-1; s multiplies afterwards: s == 0 (a zero weight, or the mean over an infinite
+ * sum of weights) gives 0 and not inf * 0 = NaN, which premultiplying by s gave for every
+ * |d| > 2^-176. */
 static inline double loss_l1(double d, double p, double q) { (void)p; (void)q; return fabs(d); }
 static inline double grad_l1(double d, double p, double r, double s)
 {
     (void)p; (void)r;
-    return pw_clamp(d * 0x1p600 * 0x1p600 * s, fabs(s));
+    return s * pw_clamp(d * 0x1p600 * 0x1p600, 1.0);
 }
 
 /* With m = min(|d|, p):  m (|d| - m/2)  is  |d|^2/2 when |d| < p  and  p (|d| - p/2)
