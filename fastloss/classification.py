@@ -358,7 +358,7 @@ def _into(out: np.ndarray, axis: int, rows_layout_shape: tuple, fill):
 def _softmax_family(x, axis, out, num_threads, mode, name):
     x0 = as_float_array(x, "x")
     if x0.ndim == 0:
-        raise ValueError(f"{name} needs at least one dimension")
+        raise ValueError(f"x must have at least one dimension (the class axis) for {name}")
     ax = _class_axis(x0.ndim, axis)
     v = _rows_layout(x0, ax)
     nthreads = resolve_num_threads(num_threads)
@@ -414,7 +414,7 @@ def logsumexp(x, axis=-1, *, num_threads=None):
     """
     x0 = as_float_array(x, "x")
     if x0.ndim == 0:
-        raise ValueError("logsumexp needs at least one dimension")
+        raise ValueError("x must have at least one dimension (the class axis) for logsumexp")
     ax = _class_axis(x0.ndim, axis)
     v = _rows_layout(x0, ax)
     lse = np.empty(math.prod(v.shape[:-1]), dtype=np.float64)
