@@ -52,10 +52,11 @@ static inline double pw_clamp(double v, double c)
     return m < -c ? -c : m;
 }
 
-/* The derivatives come premultiplied by the gradient scale s (mean divisor, weight):
- * s * clamp(u, -1, 1) == clamp(s * u, -|s|, |s|) for either sign of s, and written so
- * the compiler emits min/max (multiplying a select afterwards made GCC distribute the
- * product into a network of blends: ~2x slower on AVX2). */
+/* The derivatives are scaled by s (mean divisor x weight) after the clamp: s * clamp(u, c),
+ * a min/max pair and a product (a select multiplied afterwards made GCC distribute the
+ * product into a network of blends: ~2x slower on AVX2).  Scaling before the clamp,
+ * clamp(s * u, |s| c), gave inf * 0 = NaN for a zero weight and an infinite difference
+ * (the reference and torch: w * clamp(d) = 0). */
 
 static inline double loss_mse(double d, double p, double q) { (void)p; (void)q; return d * d; }
 static inline double grad_mse(double d, double p, double r, double s) { (void)p; (void)r; return 2.0 * d * s; }
@@ -85,7 +86,7 @@ static inline double loss_huber(double d, double p, double q)
 static inline double grad_huber(double d, double p, double r, double s)
 {
     (void)r;
-    return pw_clamp(d * s, p * fabs(s));
+    return s * pw_clamp(d, p);
 }
 
 /* p = beta > 0 (beta == 0 is sent to L1, as torch does).  The loss is huber(beta)/beta,
@@ -97,7 +98,7 @@ static inline double loss_sl1(double d, double p, double q) { return loss_huber(
 static inline double grad_sl1(double d, double p, double r, double s)
 {
     (void)p;
-    return pw_clamp(d * r * s, fabs(s));
+    return s * pw_clamp(d * r, 1.0);
 }
 
 static inline double loss_one(double d, double p, double q) { (void)d; (void)p; (void)q; return 1.0; }
