@@ -849,6 +849,8 @@ def cross_entropy_grad(logits, target, *, weight=None, sample_weight=None,
     if th is not None:
         del x                                      # the capped logits
         g = np.multiply(g, np.subtract(1, th * th, out=th), out=g)
+        if a.valid is not None:                    # ignored rows: 0 even where tanh is nan
+            g = np.where(a.valid[..., None], g, 0)
     return np.moveaxis(_round_back(g, a.x.dtype), -1, a.axis)
 
 
