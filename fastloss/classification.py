@@ -212,8 +212,8 @@ class _CE:
         else:
             active = self.t != self.ignore_index
             w_rows = np.where(active, self.cw[np.where(active, self.t, 0)] if self.cw is not None else 1.0, 0.0)
-            if self.sw is not None:
-                w_rows = w_rows * self.sw
+            if self.sw is not None:                 # ignored rows: 0 whatever their sample weight
+                w_rows = w_rows * np.where(active, self.sw, 0.0)
             self.denominator = float(np.sum(w_rows))
         self.loss_dtype = _loss_dtype(self.x)
 
