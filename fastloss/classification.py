@@ -84,6 +84,12 @@ def _is_float_dtype(dt: np.dtype) -> bool:
     return dt.kind == "f" or (dt.name == "bfloat16" and dt.itemsize == 2)
 
 
+def _sum(a) -> float:
+    """float(np.sum(a)), without NumPy's warning where +inf meets -inf (the result is nan)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.sum(a))
+
+
 def _int64(value, name: str) -> int:
     """An int option compared with int64 class indices (and passed to C as int64)."""
     v = int(value)
@@ -208,13 +214,14 @@ class _CE:
         self.cw, self.sw = _weights(weight, sample_weight, self.V, self.rows_shape)
         self.nthreads = resolve_num_threads(num_threads)
         if self.q is not None:          # torch: the mean over rows (here: over sample weights)
-            self.denominator = float(np.sum(self.sw)) if self.sw is not None else float(math.prod(self.rows_shape))
+            self.denominator = _sum(self.sw) if self.sw is not None else float(math.prod(self.rows_shape))
         else:
             active = self.t != self.ignore_index
             w_rows = np.where(active, self.cw[np.where(active, self.t, 0)] if self.cw is not None else 1.0, 0.0)
             if self.sw is not None:                 # ignored rows: 0 whatever their sample weight
-                w_rows = w_rows * np.where(active, self.sw, 0.0)
-            self.denominator = float(np.sum(w_rows))
+                with np.errstate(invalid="ignore"):   # 0 * inf: nan, silently
+                    w_rows = w_rows * np.where(active, self.sw, 0.0)
+            self.denominator = _sum(w_rows)
         self.loss_dtype = _loss_dtype(self.x)
 
     def run(self, out=None):
@@ -225,14 +232,14 @@ class _CE:
         if self.x.size:
             _core.cross_entropy_rows(
                 self.x, out, "none" if out is None else "grad", self.t, self.cw,
-                float(self.cw.sum()) if self.cw is not None else float(self.V), self.sw, self.ignore_index,
+                _sum(self.cw) if self.cw is not None else float(self.V), self.sw, self.ignore_index,
                 self.ls, self.z, self.cap, scale, row_loss, None, self.nthreads, self.q)
         return self._reduce(row_loss)
 
     def _reduce(self, row_loss):
         if self.reduction == "none":
             return row_loss.astype(self.loss_dtype).reshape(self.rows_shape)
-        total = float(np.sum(row_loss))
+        total = _sum(row_loss)
         if self.reduction == "mean":
             total = total / self.denominator if self.denominator != 0 else math.nan
         with np.errstate(over="ignore"):
@@ -460,9 +467,9 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
     dt = _loss_dtype(x0)
     if reduction == "none":
         return per_row.astype(dt).reshape(rows_shape)
-    total = float(np.sum(per_row))
+    total = _sum(per_row)
     if reduction == "mean":
-        den = float(np.sum(w))
+        den = _sum(w)
         total = total / den if den != 0 else math.nan
     return dt.type(total)
 
