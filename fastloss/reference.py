@@ -621,13 +621,14 @@ def _row_weights(a):
 
     ``s``: the sample weight (1 without it), 0 where the target is ignored.
     ``r``: the weight of the row's loss, ``s * weight[y]`` for class indices
-    and ``s`` for class probabilities.  The denominator is ``sum(r)``.
+    (0 where ignored, whatever the weights) and ``s`` for class probabilities.
+    The denominator is ``sum(r)``.
     """
     s = (np.ones(a.x.shape[:-1], a.x.dtype) if a.sample_weight is None
          else a.sample_weight)
     if a.valid is not None:
         s = np.where(a.valid, s, 0)
-    r = s if a.weight is None or a.valid is None else s * a.weight[a.y]
+    r = s if a.weight is None or a.valid is None else np.where(a.valid, s * a.weight[a.y], 0)
     acc = _accumulator(np.result_type(a.x.dtype, r.dtype))
     return s[..., None], r[..., None], np.sum(r, dtype=acc)
 
