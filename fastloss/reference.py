@@ -704,7 +704,9 @@ def _reduce_rows(loss, denominator, reduction):
         return loss
     total = np.sum(loss, dtype=_accumulator(loss.dtype))
     if reduction == "mean":
-        total = total / denominator      # 0 / 0 is nan (no row counted)
+        # nan if nothing is counted (0 / 0), and also, as torch, if the counted rows' weights
+        # sum to 0 while label smoothing makes their loss nonzero (x / 0)
+        total = total / denominator if denominator != 0 else type(total)(np.nan)
     return _round_back(total, loss.dtype)
 
 
