@@ -1,10 +1,18 @@
-"""The single registry of losses.
+"""The single registry of the public functions: losses (``REGISTRY``) and the other public
+functions (``FUNCTIONS``: log_softmax, softmax, logsumexp).
 
-One entry per public loss: the function, its ``_with_grad`` twin, the NumPy
-reference (and reference gradient), the options it takes, how to make realistic
-inputs, and the error tolerances we promise.  The conformance tests, the
-benchmarks in ``benchmarks/`` and ``python -m fastloss bench`` all iterate over
-``REGISTRY``, so adding a loss is one entry here.
+One entry per public loss: the function, its ``_with_grad`` twin (if it has one), the NumPy
+reference (and reference gradient), its operands (name, kind, shape), the options it takes,
+how to make realistic inputs, and the error tolerances we promise.  The conformance and
+layout tests, the table-driven bad-input test (tests/test_bad_input_table.py), the property
+tests, the benchmarks in ``benchmarks/`` and ``python -m fastloss bench`` all iterate over
+this module, so adding a function is one entry here.
+
+Families: ``"regression"`` (elementwise losses on ``input, target`` of one shape, reduced
+over ``axis``), ``"classification"`` (rows of classes on ``axis``: cross_entropy, nll_loss,
+perplexity) and ``"softmax"`` (log_softmax, softmax, logsumexp).  Consumers that build
+regression-shaped calls filter on the family (:func:`by_family`); the others read the
+operand descriptions (:class:`Operand`) and the option kinds (:data:`OPTION_KINDS`).
 """
 from __future__ import annotations
 
@@ -13,22 +21,60 @@ from typing import Callable
 
 import numpy as np
 
-from fastloss import reference, regression
+from fastloss import classification, reference, regression
+from fastloss._error_bounds import (CE_TOLERANCES, TOLERANCES, Tolerance, cross_entropy_tolerance,  # noqa: F401
+                                    logsumexp_tolerance, nll_tolerance, perplexity_tolerance,
+                                    regression_tolerance, softmax_tolerance)
 
-# Relative tolerances vs. the float64 reference, by the dtype of the INPUT.
-#   loss:  reductions are accumulated in double and rounded once, so a float32
-#          result is within a few float32 ulp (2**-23 ~ 1.19e-7) of the exact value;
-#   elem:  elementwise outputs (reduction="none") are one rounding of a double;
-#   grad:  one rounding into the input dtype (float16: 2**-11 relative, with an
-#          absolute floor for results in the float16 subnormal range).
 F32_ULP = 2.0 ** -23
-TOLERANCES = {
-    "float64": {"loss": 1e-12, "elem": 1e-15, "grad": 1e-15, "grad_atol": 0.0},
-    "float32": {"loss": 4 * F32_ULP, "elem": F32_ULP, "grad": F32_ULP, "grad_atol": 1e-45},
-    "float16": {"loss": 4 * F32_ULP, "elem": F32_ULP, "grad": 2.0 ** -11, "grad_atol": 2.0 ** -24},
-    "bfloat16": {"loss": 4 * F32_ULP, "elem": F32_ULP, "grad": 2.0 ** -8, "grad_atol": 1e-38},
+
+
+# ---- operands and options ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Operand:
+    """One array argument of a public function.
+
+    kind:
+      ``"float"``           floating-point data (float16/32/64, bfloat16);
+      ``"weight"``          floating-point weights (non-negative in realistic inputs);
+      ``"index"``           integer class indices in [0, V) or ``ignore_index``;
+      ``"index_or_probs"``  class indices, or class probabilities (a float array of the
+                            first operand's shape).
+    shape:
+      ``"first"``    the first operand's shape (``broadcast``: anything that broadcasts to it);
+      ``"rows"``     the first operand's shape without the class axis;
+      ``"classes"``  ``(V,)``, one value per class.
+    required: a positional argument; else a keyword that defaults to None.
+    """
+    name: str
+    kind: str
+    shape: str
+    required: bool = True
+    broadcast: bool = False
+
+
+#: The kinds of keyword options; each kind has one set of valid and invalid values in the
+#: bad-input table (tests/test_bad_input_table.py).
+OPTION_KINDS = {
+    "reduction": "one of 'mean', 'sum', 'none'",
+    "reduce_axes": "None, an int or a tuple of ints: the axes reduced",
+    "class_axis": "an int: the class axis",
+    "num_threads": "None, -1 or an int in [1, 4096]",
+    "positive": "a finite real number > 0",
+    "nonnegative": "a finite real number >= 0",
+    "unit_interval": "a real number in [0, 1]",
+    "positive_or_none": "None or a finite real number > 0",
+    "index": "an int (compared with the class indices)",
 }
 
+REGRESSION_OPERANDS = (Operand("input", "float", "first"),
+                       Operand("target", "float", "first", broadcast=True),
+                       Operand("weight", "weight", "first", required=False, broadcast=True))
+REGRESSION_OPTIONS = (("reduction", "reduction"), ("axis", "reduce_axes"), ("num_threads", "num_threads"))
+
+
+# ---- input generators -------------------------------------------------------------------------
 
 def regression_inputs(rng: np.random.Generator, shape, dtype) -> dict:
     """input, target ~ N(0, 1) of `shape` and `dtype` (values quantized to the dtype)."""
@@ -40,33 +86,128 @@ def regression_inputs(rng: np.random.Generator, shape, dtype) -> dict:
     return {"input": x, "target": t}
 
 
+#: Logits ~ N(0, 2.5**2): peaked rows (target probabilities from ~1e-9 to ~1).
+LOGIT_SCALE = 2.5
+
+
+def _logits(rng, shape, dtype):
+    x = rng.standard_normal(shape) * LOGIT_SCALE
+    return x.astype(dtype)
+
+
+def classification_inputs(rng: np.random.Generator, shape, dtype) -> dict:
+    """logits of `shape` (classes on the last axis) and class indices uniform in [0, V)."""
+    V = shape[-1]
+    return {"logits": _logits(rng, shape, dtype), "target": rng.integers(0, max(V, 1), size=shape[:-1])}
+
+
+def nll_inputs(rng: np.random.Generator, shape, dtype) -> dict:
+    """log-probabilities (log_softmax of logits) of `shape` and class indices."""
+    ins = classification_inputs(rng, shape, dtype)
+    lp = reference.log_softmax(ins["logits"]) if ins["logits"].size else np.zeros(shape)
+    return {"log_probs": lp.astype(dtype), "target": ins["target"]}
+
+
+def softmax_inputs(rng: np.random.Generator, shape, dtype) -> dict:
+    return {"x": _logits(rng, shape, dtype)}
+
+
+# ---- specs -------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
-class LossSpec:
+class FunctionSpec:
+    """A public function: what the harness needs to call it and check it.
+
+    ``operands`` are the array arguments (the required ones positional, in order);
+    ``options`` the keyword options as (name, kind) pairs (kinds: :data:`OPTION_KINDS`);
+    ``make_inputs(rng, shape, dtype)`` the required operands as a dict (shape: the first
+    operand's, classes last); ``tolerance(spec, dtype_name, args, kwargs)`` the error bound of
+    one call (a :class:`Tolerance`); ``out``: the name of the output-buffer keyword and
+    ``inplace`` the operand that may be passed as that buffer (in place)."""
     name: str
     family: str
     func: Callable
-    with_grad: Callable
     reference: Callable
-    reference_grad: Callable
+    operands: tuple = REGRESSION_OPERANDS
+    options: tuple = REGRESSION_OPTIONS
     make_inputs: Callable = regression_inputs
+    tolerances: dict = field(default_factory=lambda: TOLERANCES)
+    tolerance: Callable = regression_tolerance
+    out: str | None = None
+    inplace: str | None = None
+
+    @property
+    def option_kinds(self) -> dict:
+        return dict(self.options)
+
+    def operand(self, name: str) -> Operand:
+        return next(o for o in self.operands if o.name == name)
+
+
+@dataclass(frozen=True)
+class LossSpec(FunctionSpec):
+    """A public loss: a :class:`FunctionSpec` with its ``_with_grad`` twin (None if it has
+    none), the reference gradient, the option variants the tests sweep and the reductions."""
+    with_grad: Callable | None = None
+    reference_grad: Callable | None = None
     #: keyword options that tests sweep over (each dict is one variant)
     variants: tuple = ({},)
     reductions: tuple = ("mean", "sum", "none")
     has_weight: bool = True
-    has_axis: bool = True
     #: arrays read per element by the forward kernel (for GB/s): input and target
     arrays_read: int = 2
     #: options that must be rejected: (kwargs, exception type, word the message must contain)
-    bad_options: tuple = field(default_factory=tuple)
+    bad_options: tuple = ()
+    out: str | None = "grad_out"
+    inplace: str | None = "input"
+
+    @property
+    def has_axis(self) -> bool:
+        """Takes ``axis`` = the axes to reduce (the regression losses)."""
+        return self.option_kinds.get("axis") == "reduce_axes"
 
 
-def _reg(name, variants=({},), reductions=("mean", "sum", "none"), bad=()):
+def _reg(name, variants=({},), reductions=("mean", "sum", "none"), bad=(), extra_options=()):
+    options = REGRESSION_OPTIONS if "none" in reductions else REGRESSION_OPTIONS[1:]
     return LossSpec(
         name=name, family="regression",
         func=getattr(regression, name), with_grad=getattr(regression, name + "_with_grad"),
         reference=getattr(reference, name), reference_grad=getattr(reference, name + "_grad"),
-        variants=variants, reductions=reductions, bad_options=bad)
+        variants=variants, reductions=reductions, bad_options=bad, options=options + tuple(extra_options))
 
+
+CE_OPERANDS = (Operand("logits", "float", "first"),
+               Operand("target", "index_or_probs", "rows"),
+               Operand("weight", "weight", "classes", required=False),
+               Operand("sample_weight", "weight", "rows", required=False, broadcast=True))
+CE_OPTIONS = (("ignore_index", "index"), ("reduction", "reduction"), ("label_smoothing", "unit_interval"),
+              ("z_loss", "nonnegative"), ("softcap", "positive_or_none"), ("axis", "class_axis"),
+              ("num_threads", "num_threads"))
+
+_CLASSIFICATION = [
+    LossSpec(name="cross_entropy", family="classification",
+             func=classification.cross_entropy, with_grad=classification.cross_entropy_with_grad,
+             reference=reference.cross_entropy, reference_grad=reference.cross_entropy_grad,
+             operands=CE_OPERANDS, options=CE_OPTIONS, make_inputs=classification_inputs,
+             tolerances=CE_TOLERANCES, tolerance=cross_entropy_tolerance, arrays_read=1, inplace="logits",
+             variants=({}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"softcap": 5.0}, {"ignore_index": 0},
+                       {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 8.0})),
+    LossSpec(name="nll_loss", family="classification",
+             func=classification.nll_loss, with_grad=None,
+             reference=reference.nll_loss, reference_grad=reference.nll_loss_grad,
+             operands=(Operand("log_probs", "float", "first"), Operand("target", "index", "rows"),
+                       Operand("weight", "weight", "classes", required=False)),
+             options=(("ignore_index", "index"), ("reduction", "reduction"), ("num_threads", "num_threads")),
+             make_inputs=nll_inputs, tolerance=nll_tolerance, arrays_read=1, out=None, inplace=None,
+             variants=({}, {"ignore_index": 0})),
+    LossSpec(name="perplexity", family="classification",
+             func=classification.perplexity, with_grad=None,
+             reference=reference.perplexity, reference_grad=reference.perplexity_grad,
+             operands=(Operand("logits", "float", "first"), Operand("target", "index", "rows")),
+             options=(("ignore_index", "index"), ("num_threads", "num_threads")),
+             make_inputs=classification_inputs, tolerances=CE_TOLERANCES, tolerance=perplexity_tolerance,
+             reductions=("mean",), has_weight=False, arrays_read=1, out=None, inplace=None),
+]
 
 REGISTRY: dict[str, LossSpec] = {
     s.name: s
@@ -75,13 +216,60 @@ REGISTRY: dict[str, LossSpec] = {
         _reg("l1_loss"),
         _reg("huber_loss", variants=({}, {"delta": 0.3}, {"delta": 2.5}),
              bad=(({"delta": 0.0}, ValueError, "delta"), ({"delta": -1.0}, ValueError, "delta"),
-                  ({"delta": float("nan")}, ValueError, "delta"), ({"delta": "1"}, TypeError, "delta"))),
+                  ({"delta": float("nan")}, ValueError, "delta"), ({"delta": "1"}, TypeError, "delta")),
+             extra_options=(("delta", "positive"),)),
         _reg("smooth_l1_loss", variants=({}, {"beta": 0.0}, {"beta": 0.3}, {"beta": 2.5}),
              bad=(({"beta": -0.5}, ValueError, "beta"), ({"beta": float("inf")}, ValueError, "beta"),
-                  ({"beta": None}, TypeError, "beta"))),
+                  ({"beta": None}, TypeError, "beta")),
+             extra_options=(("beta", "nonnegative"),)),
         _reg("rmse", reductions=("mean",)),
+        *_CLASSIFICATION,
     ]
 }
+
+_SOFTMAX_OPERANDS = (Operand("x", "float", "first"),)
+_SOFTMAX_OPTIONS = (("axis", "class_axis"), ("num_threads", "num_threads"))
+
+#: Public functions that are not losses (no reduction, no gradient twin).
+FUNCTIONS: dict[str, FunctionSpec] = {
+    s.name: s
+    for s in [
+        FunctionSpec(name=n, family="softmax", func=getattr(classification, n), reference=getattr(reference, n),
+                     operands=_SOFTMAX_OPERANDS, options=_SOFTMAX_OPTIONS, make_inputs=softmax_inputs,
+                     tolerances=CE_TOLERANCES,
+                     tolerance=logsumexp_tolerance if n == "logsumexp" else softmax_tolerance,
+                     out=None if n == "logsumexp" else "out", inplace=None if n == "logsumexp" else "x")
+        for n in ("log_softmax", "softmax", "logsumexp")
+    ]
+}
+
+
+def by_family(family: str) -> dict[str, LossSpec]:
+    """The losses of one family ("regression" or "classification"), in registry order."""
+    return {n: s for n, s in REGISTRY.items() if s.family == family}
+
+
+@dataclass(frozen=True)
+class PublicCall:
+    """One public callable: a loss, its ``_with_grad`` twin or another function."""
+    name: str
+    func: Callable
+    spec: FunctionSpec
+    with_grad: bool
+    out: str | None         # the output-buffer keyword (grad_out / out), if any
+    inplace: str | None     # the operand that may be passed as that buffer
+
+
+def public_calls() -> list[PublicCall]:
+    """Every public function of fastloss with its spec (aliases such as ``mse`` excluded)."""
+    calls = []
+    for spec in REGISTRY.values():
+        calls.append(PublicCall(spec.name, spec.func, spec, False, None, None))
+        if spec.with_grad is not None:
+            calls.append(PublicCall(spec.with_grad.__name__, spec.with_grad, spec, True, spec.out, spec.inplace))
+    for spec in FUNCTIONS.values():
+        calls.append(PublicCall(spec.name, spec.func, spec, False, spec.out, spec.inplace))
+    return calls
 
 
 def get(name: str) -> LossSpec:

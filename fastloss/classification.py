@@ -90,6 +90,29 @@ def _is_float_dtype(dt: np.dtype) -> bool:
     return dt.kind == "f" or (dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16")
 
 
+def _sum(a) -> float:
+    """float(np.sum(a)), without NumPy's warning where +inf meets -inf (the result is nan)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.sum(a))
+
+
+def _int64(value, name: str) -> int:
+    """An int option compared with int64 class indices (and passed to C as int64)."""
+    v = int(value)
+    if not -2 ** 63 <= v < 2 ** 63:
+        raise ValueError(f"{name} must fit in int64, got {v}")
+    return v
+
+
+def _target_array(target) -> np.ndarray:
+    if isinstance(target, np.ndarray):
+        return target
+    try:
+        return np.asarray(target)
+    except (ValueError, TypeError) as exc:          # ragged lists and the like
+        raise TypeError(f"target could not be converted to an array: {exc}") from None
+
+
 def _soft_target(target, x0: np.ndarray, x: np.ndarray, axis: int, ignore_index: int):
     """Class probabilities laid out like the rows `x` (class axis last, unit stride), or None
     if `target` is not a float array of the logits' shape (then it holds class indices).
@@ -98,7 +121,7 @@ def _soft_target(target, x0: np.ndarray, x: np.ndarray, axis: int, ignore_index:
     converted to the kernel's compute type, float32 (float64 for float64 logits)."""
     if target is None or isinstance(target, (str, bytes, dict, set)):
         return None
-    t = target if isinstance(target, np.ndarray) else np.asarray(target)
+    t = _target_array(target)
     if t.shape != x0.shape or not _is_float_dtype(t.dtype):
         return None
     t = as_float_array(t, "target")
@@ -119,7 +142,7 @@ def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: i
     """The class-index target as a C-contiguous int64 array in row order, validated."""
     if target is None or isinstance(target, (str, bytes, dict)):
         raise TypeError(f"target must be an array of class indices, got {type(target).__name__}")
-    t = np.asarray(target)
+    t = _target_array(target)
     if _is_float_dtype(t.dtype) and t.shape == logits_shape:   # cross_entropy takes these before
         raise ValueError(f"{func} takes class indices (an integer target of shape {rows_shape}); class "
                          f"probabilities (a float target of the logits' shape {logits_shape}) are supported by "
@@ -143,7 +166,7 @@ def _hard_target(target, logits_shape: tuple, axis: int, rows_shape: tuple, V: i
     if t.dtype == np.uint64 and t.size and int(t.max()) > np.iinfo(np.int64).max:
         r = int(np.argmax(t.reshape(-1)))
         raise IndexError(f"target {int(t.reshape(-1)[r])} at row {r} is out of range for {V} classes")
-    t64 = np.ascontiguousarray(t, dtype=np.int64).reshape(-1)
+    t64 = np.require(t, np.int64, ("C", "A")).reshape(-1)     # aligned too: C reads it as int64_t
     if t64.size == 0 or (0 <= int(t64.min()) and int(t64.max()) < V):
         return t64                                  # every target a class (the common case)
     bad = (t64 != ignore_index) & ((t64 < 0) | (t64 >= V))
@@ -190,7 +213,7 @@ class _CE:
         self.rows_shape = self.x.shape[:-1]
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _int64(ignore_index, "ignore_index")
         self.reduction = check_reduction(reduction)
         self.ls, self.z, self.cap = _check_options(label_smoothing, z_loss, softcap)
         self.q = _soft_target(target, x0, self.x, self.axis, self.ignore_index)
@@ -199,7 +222,7 @@ class _CE:
         self.cw, self.sw = _weights(weight, sample_weight, self.V, self.rows_shape)
         self.nthreads = resolve_num_threads(num_threads)
         if self.q is not None:          # torch: the mean over rows (here: over sample weights)
-            self.denominator = float(np.sum(self.sw)) if self.sw is not None else float(math.prod(self.rows_shape))
+            self.denominator = _sum(self.sw) if self.sw is not None else float(math.prod(self.rows_shape))
         else:
             n = self.t.size
             if self.cw is None and self.sw is None:
@@ -210,9 +233,10 @@ class _CE:
                 return
             active = self.t != self.ignore_index
             w_rows = np.where(active, self.cw[np.where(active, self.t, 0)] if self.cw is not None else 1.0, 0.0)
-            if self.sw is not None:
-                w_rows = w_rows * self.sw
-            self.denominator = float(np.sum(w_rows))
+            if self.sw is not None:                 # ignored rows: 0 whatever their sample weight
+                with np.errstate(invalid="ignore"):   # 0 * inf: nan, silently
+                    w_rows = w_rows * np.where(active, self.sw, 0.0)
+            self.denominator = _sum(w_rows)
         self.loss_dtype = _loss_dtype(self.x)
 
     def run(self, out=None):
@@ -223,14 +247,14 @@ class _CE:
         if self.x.size:
             _core.cross_entropy_rows(
                 self.x, out, "none" if out is None else "grad", self.t, self.cw,
-                float(self.cw.sum()) if self.cw is not None else float(self.V), self.sw, self.ignore_index,
+                _sum(self.cw) if self.cw is not None else float(self.V), self.sw, self.ignore_index,
                 self.ls, self.z, self.cap, scale, row_loss, None, self.nthreads, self.q)
         return self._reduce(row_loss)
 
     def _reduce(self, row_loss):
         if self.reduction == "none":
             return row_loss.astype(self.loss_dtype).reshape(self.rows_shape)
-        total = float(np.sum(row_loss))
+        total = _sum(row_loss)
         if self.reduction == "mean":
             total = total / self.denominator if self.denominator != 0 else math.nan
         if self.loss_dtype == np.float32 and math.isfinite(total) and abs(total) >= _F32_OVERFLOW:
@@ -357,7 +381,7 @@ def _into(out: np.ndarray, axis: int, rows_layout_shape: tuple, fill):
 def _softmax_family(x, axis, out, num_threads, mode, name):
     x0 = as_float_array(x, "x")
     if x0.ndim == 0:
-        raise ValueError(f"{name} needs at least one dimension")
+        raise ValueError(f"x must have at least one dimension (the class axis) for {name}")
     ax = _class_axis(x0.ndim, axis)
     v = _rows_layout(x0, ax)
     nthreads = resolve_num_threads(num_threads)
@@ -413,7 +437,7 @@ def logsumexp(x, axis=-1, *, num_threads=None):
     """
     x0 = as_float_array(x, "x")
     if x0.ndim == 0:
-        raise ValueError("logsumexp needs at least one dimension")
+        raise ValueError("x must have at least one dimension (the class axis) for logsumexp")
     ax = _class_axis(x0.ndim, axis)
     v = _rows_layout(x0, ax)
     lse = np.empty(math.prod(v.shape[:-1]), dtype=np.float64)
@@ -440,8 +464,11 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
     if x0.ndim == 0:
         raise ValueError("log_probs must have at least one dimension (the classes)")
     V = x0.shape[-1]
+    if V == 0:
+        raise ValueError("log_probs have 0 classes")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _int64(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
     resolve_num_threads(num_threads)          # validated; the gather is O(rows)
     rows_shape = x0.shape[:-1]
@@ -456,9 +483,9 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
     dt = _loss_dtype(x0)
     if reduction == "none":
         return per_row.astype(dt).reshape(rows_shape)
-    total = float(np.sum(per_row))
+    total = _sum(per_row)
     if reduction == "mean":
-        den = float(np.sum(w))
+        den = _sum(w)
         total = total / den if den != 0 else math.nan
     return dt.type(total)
 
@@ -471,7 +498,7 @@ def perplexity(logits, target, *, ignore_index=-100, num_threads=None):
     np.float64(10.000000000000002)
     """
     if target is not None and not isinstance(target, (str, bytes, dict, set)):
-        t = target if isinstance(target, np.ndarray) else np.asarray(target)
+        t = _target_array(target)
         if _is_float_dtype(t.dtype) and t.shape == np.shape(logits):
             raise ValueError(f"perplexity takes class indices (an integer target of the logits' shape without the "
                              f"class axis); class probabilities (a float target of the logits' shape {t.shape}) are "

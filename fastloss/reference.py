@@ -621,13 +621,14 @@ def _row_weights(a):
 
     ``s``: the sample weight (1 without it), 0 where the target is ignored.
     ``r``: the weight of the row's loss, ``s * weight[y]`` for class indices
-    and ``s`` for class probabilities.  The denominator is ``sum(r)``.
+    (0 where ignored, whatever the weights) and ``s`` for class probabilities.
+    The denominator is ``sum(r)``.
     """
     s = (np.ones(a.x.shape[:-1], a.x.dtype) if a.sample_weight is None
          else a.sample_weight)
     if a.valid is not None:
         s = np.where(a.valid, s, 0)
-    r = s if a.weight is None or a.valid is None else s * a.weight[a.y]
+    r = s if a.weight is None or a.valid is None else np.where(a.valid, s * a.weight[a.y], 0)
     acc = _accumulator(np.result_type(a.x.dtype, r.dtype))
     return s[..., None], r[..., None], np.sum(r, dtype=acc)
 
@@ -703,7 +704,9 @@ def _reduce_rows(loss, denominator, reduction):
         return loss
     total = np.sum(loss, dtype=_accumulator(loss.dtype))
     if reduction == "mean":
-        total = total / denominator      # 0 / 0 is nan (no row counted)
+        # nan if nothing is counted (0 / 0), and also, as torch, if the counted rows' weights
+        # sum to 0 while label smoothing makes their loss nonzero (x / 0)
+        total = total / denominator if denominator != 0 else type(total)(np.nan)
     return _round_back(total, loss.dtype)
 
 
@@ -849,6 +852,8 @@ def cross_entropy_grad(logits, target, *, weight=None, sample_weight=None,
     if th is not None:
         del x                                      # the capped logits
         g = np.multiply(g, np.subtract(1, th * th, out=th), out=g)
+        if a.valid is not None:                    # ignored rows: 0 even where tanh is nan
+            g = np.where(a.valid[..., None], g, 0)
     return np.moveaxis(_round_back(g, a.x.dtype), -1, a.axis)
 
 

@@ -120,18 +120,46 @@ static inline double ce_exp(double y)
     return t < -1022.0 ? 0.0 : res;
 }
 
-/* tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2|z|): absolute error ~1 ulp of 1. */
+/* tanh(z) = sign(z) (1 - e) / (1 + e), e = exp(-2|z|), has an absolute error of ~1 ulp of 1:
+ * a relative one only away from 0.  For small |z| (a softcap c much larger than the logits,
+ * c tanh(x / c) ~ x) that formula cancels -- float32 lost 0.6 % of the loss at c = 1e6 -- so
+ * there the odd Taylor series z + z^3 P(z^2) is used (coefficients 2^2n (2^2n - 1) B_2n / (2n)!):
+ * to z^15 below 0.55 in float32, to z^17 below 0.2 in double, both within 1.5 ulp (checked
+ * against mpmath).  Branch-free: the select vectorizes. */
 static inline float ce_tanhf(float z)
 {
-    float e = ce_expf(-2.0f * fabsf(z));
+    float a = fabsf(z);
+    float e = ce_expf(-2.0f * a);
     float m = (1.0f - e) / (1.0f + e);
-    return z < 0.0f ? -m : m;
+    float s = z * z;
+    float p = -1.4558343870513183e-03f;
+    p = p * s + 3.592128036572481e-03f;
+    p = p * s - 8.863235529902197e-03f;
+    p = p * s + 2.1869488536155203e-02f;
+    p = p * s - 5.396825396825397e-02f;
+    p = p * s + 1.3333333333333333e-01f;
+    p = p * s - 3.333333333333333e-01f;
+    float small = z + z * s * p;
+    m = z < 0.0f ? -m : m;
+    return a < 0.55f ? small : m;                    /* NaN: the comparison is false, m is NaN */
 }
 static inline double ce_tanh(double z)
 {
-    double e = ce_exp(-2.0 * fabs(z));
+    double a = fabs(z);
+    double e = ce_exp(-2.0 * a);
     double m = (1.0 - e) / (1.0 + e);
-    return z < 0.0 ? -m : m;
+    double s = z * z;
+    double p = 5.90027440945586e-04;
+    p = p * s - 1.4558343870513183e-03;
+    p = p * s + 3.592128036572481e-03;
+    p = p * s - 8.863235529902197e-03;
+    p = p * s + 2.1869488536155203e-02;
+    p = p * s - 5.396825396825397e-02;
+    p = p * s + 1.3333333333333333e-01;
+    p = p * s - 3.333333333333333e-01;
+    double small = z + z * s * p;
+    m = z < 0.0 ? -m : m;
+    return a < 0.2 ? small : m;
 }
 
 /* ---- per-dtype block loaders: a block as compute-type values (softcap applied) --------- */

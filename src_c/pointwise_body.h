@@ -52,23 +52,25 @@ static inline double pw_clamp(double v, double c)
     return m < -c ? -c : m;
 }
 
-/* The derivatives come premultiplied by the gradient scale s (mean divisor, weight):
- * s * clamp(u, -1, 1) == clamp(s * u, -|s|, |s|) for either sign of s, and written so
- * the compiler emits min/max (multiplying a select afterwards made GCC distribute the
- * product into a network of blends: ~2x slower on AVX2). */
+/* The derivatives are scaled by s (mean divisor x weight) after the clamp: s * clamp(u, c),
+ * a min/max pair and a product (a select multiplied afterwards made GCC distribute the
+ * product into a network of blends: ~2x slower on AVX2).  Scaling before the clamp,
+ * clamp(s * u, |s| c), gave inf * 0 = NaN for a zero weight and an infinite difference
+ * (the reference and torch: w * clamp(d) = 0). */
 
 static inline double loss_mse(double d, double p, double q) { (void)p; (void)q; return d * d; }
 static inline double grad_mse(double d, double p, double r, double s) { (void)p; (void)r; return 2.0 * d * s; }
 
 /* sign(d) * s: 0 at 0, NaN at NaN.  Scaling by 2^1200 (two exact steps) takes every
- * nonzero double, subnormals included, beyond any |s| we can meet, so the clamp gives
- * +-|s|.  (At d = +-inf with s == 0 the product is NaN; s == 0 only occurs when the
- * loss itself is 0 or NaN.) */
+ * nonzero double, subnormals included, to at least 2^126 (or to inf), so the clamp gives
+ * exactly +-1; s multiplies afterwards: s == 0 (a zero weight, or the mean over an infinite
+ * sum of weights) gives 0 and not inf * 0 = NaN, which premultiplying by s gave for every
+ * |d| > 2^-176. */
 static inline double loss_l1(double d, double p, double q) { (void)p; (void)q; return fabs(d); }
 static inline double grad_l1(double d, double p, double r, double s)
 {
     (void)p; (void)r;
-    return pw_clamp(d * 0x1p600 * 0x1p600 * s, fabs(s));
+    return s * pw_clamp(d * 0x1p600 * 0x1p600, 1.0);
 }
 
 /* With m = min(|d|, p):  m (|d| - m/2)  is  |d|^2/2 when |d| < p  and  p (|d| - p/2)
@@ -84,7 +86,7 @@ static inline double loss_huber(double d, double p, double q)
 static inline double grad_huber(double d, double p, double r, double s)
 {
     (void)r;
-    return pw_clamp(d * s, p * fabs(s));
+    return s * pw_clamp(d, p);
 }
 
 /* p = beta > 0 (beta == 0 is sent to L1, as torch does).  The loss is huber(beta)/beta,
@@ -96,7 +98,7 @@ static inline double loss_sl1(double d, double p, double q) { return loss_huber(
 static inline double grad_sl1(double d, double p, double r, double s)
 {
     (void)p;
-    return pw_clamp(d * r * s, fabs(s));
+    return s * pw_clamp(d * r, 1.0);
 }
 
 static inline double loss_one(double d, double p, double q) { (void)d; (void)p; (void)q; return 1.0; }

@@ -23,7 +23,7 @@ import pytest
 
 import fastloss
 from fastloss import _core
-from fastloss._registry import REGISTRY, TOLERANCES
+from fastloss._registry import TOLERANCES, by_family
 
 #: ISAs this machine can run; every kernel test is parametrized over them.
 SUPPORTED_ISAS = tuple(_core.isa_supported())
@@ -32,6 +32,11 @@ DTYPE_NAMES = ("float16", "float32", "float64", "bfloat16")
 #: Sums are accumulated in double for every input dtype: a quantity derived from a sum
 #: (the divisor of a weighted mean, the root of rmse) carries the float64 summation error.
 DOUBLE_SUM_RTOL = TOLERANCES["float64"]["loss"]
+#: The regression losses: the registry entries that take (input, target) of one shape.  Tests
+#: that build regression-shaped calls iterate over these; the classification family has its
+#: own tests and, with every other public function, the registry-driven bad-input table and
+#: property tests.
+REGRESSION = by_family("regression")
 
 
 # ---- dtypes ---------------------------------------------------------------------------------
@@ -70,14 +75,15 @@ def variant_id(variant: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(variant.items())) or "default"
 
 
-def loss_cases(*, variants=True, reductions=None, weighted=False):
-    """(name, variant, reduction) for every loss of the registry, as pytest params.
+def loss_cases(*, variants=True, reductions=None, weighted=False, family="regression"):
+    """(name, variant, reduction) for every loss of one family of the registry (default: the
+    regression losses), as pytest params.
 
     variants=False keeps only each loss's first variant; `reductions` restricts the
     reductions; weighted=True keeps only losses that take a weight.
     """
     out = []
-    for name, spec in REGISTRY.items():
+    for name, spec in by_family(family).items():
         if weighted and not spec.has_weight:
             continue
         for variant in (spec.variants if variants else spec.variants[:1]):

@@ -1,8 +1,9 @@
 """The conformance suite: every loss of the registry x dtype x reduction x shape x ISA x threads,
 against the float64 NumPy reference (fastloss.reference) with the registry's tolerance table.
 
-Also here: float32 accuracy against an exact (math.fsum) reference up to 1e8 elements, and
-a derandomized hypothesis property test over random shapes, broadcasts, weights and axes.
+Also here: float32 accuracy against an exact (math.fsum) reference up to 1e8 elements.  The
+hypothesis property tests (random shapes, broadcasts, weights, axes, dtypes, strides and special
+values, for every family) are in tests/test_properties.py.
 """
 from __future__ import annotations
 
@@ -13,9 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from fastloss._registry import REGISTRY, TOLERANCES
 from fl_testing import (DTYPE_NAMES, SUPPORTED_ISAS, assert_close, assert_loss_type, get_dtype, grad_rtol, loss_cases,
@@ -161,57 +159,3 @@ def test_float32_within_4_ulp_of_fsum(n):
         _assert_within_ulps(spec.func(x, t, reduction="sum", **variant), exact, 4, f"{name} sum n={n}")
         _assert_within_ulps(spec.func(x, t, reduction="mean", **variant), exact / n, 4, f"{name} mean n={n}")
     del x, t
-
-
-# ---- property test -------------------------------------------------------------------------
-
-@st.composite
-def _problems(draw):
-    name = draw(st.sampled_from(sorted(REGISTRY)))
-    spec = REGISTRY[name]
-    variant = draw(st.sampled_from(spec.variants))
-    reduction = draw(st.sampled_from(spec.reductions))
-    dtype = draw(st.sampled_from(["float32", "float64"]))
-    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))
-    elements = st.floats(-1e3, 1e3, width=32, allow_subnormal=False)
-    x = draw(hnp.arrays(dtype, shape, elements=elements))
-
-    def operand_shape():        # broadcastable to `shape`: some dims set to 1, leading dims dropped
-        s = tuple(1 if draw(st.booleans()) else n for n in shape)
-        return s[draw(st.integers(0, len(s))):]
-
-    t = draw(hnp.arrays(dtype, operand_shape(), elements=elements))
-    w = None
-    if spec.has_weight and draw(st.booleans()):
-        w = draw(hnp.arrays(dtype, operand_shape(), elements=st.floats(0.25, 4.0, width=32)))
-    axis = None
-    if reduction != "none" and spec.has_axis and shape and draw(st.booleans()):
-        axes = draw(st.lists(st.integers(-len(shape), len(shape) - 1), min_size=1, max_size=len(shape),
-                             unique_by=lambda a: a % len(shape)))
-        axis = axes[0] if len(axes) == 1 and draw(st.booleans()) else tuple(axes)
-    threads = draw(st.sampled_from(THREADS))
-    return spec, variant, reduction, dtype, x, t, w, axis, threads
-
-
-@given(_problems())
-def test_property_random_problems_match_reference(problem):
-    spec, variant, reduction, dtype, x, t, w, axis, threads = problem
-    kw = loss_kwargs(spec, reduction, variant, axis=axis)
-    tol = TOLERANCES[dtype]
-    loss_dt = np.float64 if dtype == "float64" else np.float32
-    rtol = tol["elem"] if reduction == "none" else tol["loss"]
-    # a float32 result of a tiny double underflows: allow half the smallest subnormal
-    atol = float(np.finfo(loss_dt).smallest_subnormal)
-    label = f"{spec.name} {variant} {reduction} {dtype} x{x.shape} t{t.shape} " \
-            f"w{None if w is None else w.shape} axis={axis} threads={threads}"
-    exp = spec.reference(x, t, weight=w, **kw)
-    exp_grad = spec.reference_grad(x, t, weight=w, **kw)
-    got = spec.func(x, t, weight=w, num_threads=threads, **kw)
-    assert_close(got, exp, rtol=rtol, atol=atol, what=f"{label}: loss")
-    loss, grad = spec.with_grad(x, t, weight=w, num_threads=threads, **kw)
-    assert_close(loss, exp, rtol=rtol, atol=atol, what=f"{label}: loss of _with_grad")
-    assert_close(grad, exp_grad, rtol=grad_rtol(spec, dtype, reduction, w is not None),
-                 atol=tol["grad_atol"], what=f"{label}: grad")
-    assert np.asarray(got).dtype == loss_dt and grad.dtype == x.dtype
-    if reduction != "none":
-        assert np.shape(got) == np.shape(np.sum(np.zeros(x.shape), axis=axis))
