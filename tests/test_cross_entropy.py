@@ -940,3 +940,31 @@ def test_empty_and_all_ignored(dtype_name):
     assert fastloss.cross_entropy(y, ign, reduction="sum") == 0
     loss, grad = fastloss.cross_entropy_with_grad(y, ign)
     assert np.isnan(loss) and np.all(np.asarray(grad, np.float64) == 0)
+
+
+# The AVX-512 forward sums a part's later blocks against the running max of its earlier ones and
+# re-reads a block exactly only when an entry exceeds that max by more than ln 256 (or is +inf /
+# NaN); float outputs are then formed from the largest float <= lse.  Rows whose maximum sits in
+# a later block, at every distance from the earlier maxima around that threshold, on every ISA.
+@pytest.mark.parametrize("jump", [0.5, 3.0, 5.4, 5.6, 8.0, 50.0, 1e4])
+def test_max_in_a_later_block(isa, jump):
+    rng = np.random.default_rng(int(jump * 10) + 7)
+    V = 3 * 2048 + 77                          # four blocks of one part
+    x = rng.standard_normal((6, V)).astype(np.float32)
+    x[:, :2048] += 2.0                          # the first block holds the running max ...
+    top = x[:, :2048].max(axis=1)
+    cols = [2048 + 5, 2 * 2048 + 100, V - 1, V - 1, 4096, 2048]
+    for r, c in enumerate(cols):                # ... a later block exceeds it by `jump`
+        x[r, c] = top[r] + np.float32(jump)
+    t = np.array(cols[:3] + [0, 17, V - 2])
+    x64 = x.astype(np.float64)
+    assert_close(fastloss.logsumexp(x), reference.logsumexp(x64), rtol=1e-6, what="logsumexp")
+    assert_close(fastloss.cross_entropy(x, t, reduction="none"),
+                 reference.cross_entropy(x64, t, reduction="none"), rtol=1e-6, atol=1e-6, what="loss")
+    p = reference.softmax(x64)
+    assert_close(fastloss.softmax(x), p, rtol=2e-5, atol=1e-12, what="softmax")
+    assert_close(fastloss.log_softmax(x), reference.log_softmax(x64), rtol=1e-6, atol=2e-6, what="log_softmax")
+    _, g = fastloss.cross_entropy_with_grad(x, t, reduction="sum")
+    # the target's entry p - 1 cancels: its error is that of p (terms of size 1), hence the atol
+    assert_close(g, reference.cross_entropy_grad(x64, t, reduction="sum"), rtol=2e-5, atol=1e-6, what="grad")
+    assert np.all(fastloss.softmax(x) <= 1.0)
