@@ -217,3 +217,14 @@ def run_python(args, cwd, env_extra=None, drop=("FASTLOSS_ISA", "OMP_NUM_THREADS
     """
     return subprocess.run([*prefix, sys.executable, *args], cwd=cwd, env=python_env(env_extra, drop),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def computing_functions() -> dict:
+    """The public functions that compute (``fastloss.__all__`` minus configuration), by their
+    own name: aliases (``mse`` is ``mse_loss``) appear once."""
+    out = {}
+    for name in fastloss.__all__:
+        f = getattr(fastloss, name)
+        if callable(f) and getattr(f, "__module__", "") != "fastloss._config":
+            out.setdefault(f.__name__, f)
+    return out

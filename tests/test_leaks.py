@@ -34,7 +34,7 @@ import pytest
 
 import fastloss
 from fastloss._registry import by_family
-from fl_testing import loss_kwargs
+from fl_testing import computing_functions, loss_kwargs
 
 CALLS = 2_000
 CALLS_FULL = 100_000
@@ -47,17 +47,6 @@ RSS_LIMIT = 3 * 2**20
 TRACED_LIMIT = 6 * 2**10
 
 ERRORS = (TypeError, ValueError, IndexError)      # the exact types are tests/test_bad_input.py's
-
-
-def computing_functions() -> dict:
-    """The public functions that compute (``fastloss.__all__`` minus configuration), by their
-    own name: aliases (``mse`` is ``mse_loss``) appear once."""
-    out = {}
-    for name in fastloss.__all__:
-        f = getattr(fastloss, name)
-        if callable(f) and getattr(f, "__module__", "") != "fastloss._config":
-            out.setdefault(f.__name__, f)
-    return out
 
 
 @dataclass(frozen=True)

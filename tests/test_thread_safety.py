@@ -28,23 +28,12 @@ import pytest
 import fastloss
 from fastloss import _config, _core
 from fastloss._registry import by_family
-from fl_testing import assert_identical, loss_kwargs, run_python
+from fl_testing import assert_identical, computing_functions, loss_kwargs, run_python
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 N_PY_THREADS = 8
 #: How long a Barrier or a join may wait before the test fails instead of hanging.
 WAIT = 300.0
-
-
-def computing_functions() -> dict:
-    """The public functions that compute (``fastloss.__all__`` minus configuration), by their
-    own name: aliases (``mse`` is ``mse_loss``) appear once."""
-    out = {}
-    for name in fastloss.__all__:
-        f = getattr(fastloss, name)
-        if callable(f) and getattr(f, "__module__", "") != "fastloss._config":
-            out.setdefault(f.__name__, f)
-    return out
 
 
 # ---- the calls: every public function, inputs taking milliseconds ---------------------------
