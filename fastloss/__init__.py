@@ -29,6 +29,9 @@ from fastloss import reference  # noqa: E402
 from fastloss._config import config, get_num_threads, set_num_threads, show_config  # noqa: E402
 from fastloss.classification import (cross_entropy, cross_entropy_with_grad, log_softmax, logsumexp,  # noqa: E402
                                      nll_loss, perplexity, softmax)
+from fastloss.distillation import kl_div_logits, kl_div_logits_with_grad  # noqa: E402
+from fastloss.margin import (multi_margin_loss, multi_margin_loss_with_grad, triplet_margin_loss,  # noqa: E402
+                             triplet_margin_loss_with_grad)
 from fastloss.regression import (huber_loss, huber_loss_with_grad, l1_loss, l1_loss_with_grad,  # noqa: E402
                                  mae, mse, mse_loss, mse_loss_with_grad, rmse, rmse_with_grad,
                                  smooth_l1_loss, smooth_l1_loss_with_grad)
@@ -40,3 +43,5 @@ __all__ = [
     "rmse_with_grad",
     "cross_entropy", "cross_entropy_with_grad", "log_softmax", "softmax", "logsumexp", "nll_loss", "perplexity",
 ]
+__all__ += ["multi_margin_loss", "multi_margin_loss_with_grad", "triplet_margin_loss", "triplet_margin_loss_with_grad",
+            "kl_div_logits", "kl_div_logits_with_grad"]

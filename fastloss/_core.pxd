@@ -93,3 +93,32 @@ cdef extern from "fastloss.h" nogil:
     int fl_omp_max_threads()
     int fl_num_procs()
     const char *fl_compiler()
+
+# ---- row losses (src_c/rows_body.h) ----
+cdef extern from "fastloss.h" nogil:
+    ctypedef struct fl_rows_job:
+        int64_t V
+        int row_ndim
+        int64_t row_shape[64]
+        fl_dtype dtype[3]
+        const void *x[3]
+        int64_t x_strides[3][64]
+        void *grad[3]
+        int64_t grad_strides[3][64]
+        const int64_t *target
+        int64_t ignore_index
+        const double *weight
+        double p
+        double margin
+        double eps
+        double temperature
+        int swap
+        double grad_scale
+        double *row_loss
+        double *scratch
+        int64_t *bad_row
+
+    int64_t fl_rows_scratch_len(int64_t n_rows, int64_t V)
+    int fl_multi_margin(const fl_rows_job *job, int nthreads)
+    int fl_triplet_margin(const fl_rows_job *job, int nthreads)
+    int fl_kl_div_logits(const fl_rows_job *job, int nthreads)

@@ -273,3 +273,96 @@ def num_procs():
 
 def compiler():
     return fl_compiler().decode("utf-8", "replace")
+
+
+# ---- row losses: multi-margin, triplet margin, distillation KL (src_c/rows_body.h) ----------
+
+ROW_LOSSES = ("multi_margin", "triplet_margin", "kl_div_logits")
+
+
+def row_loss(str kind, list xs, object grads, object target, object weight, long long ignore_index,
+             double p, double margin, double eps, double temperature, bint swap, double grad_scale,
+             cnp.ndarray row_loss_out, int nthreads):
+    """Run one row-loss job (see fl_rows_job in src_c/fastloss.h).
+
+    xs: the operands (1 to 3 arrays of one shape (rows..., V), the last axis of unit stride).
+    grads: None, or a list of arrays of the operands' shapes and dtypes (unit-stride last axis;
+    grads[0] may be xs[0], in place).  target: int64 C-contiguous array of the rows, or None.
+    weight: float64 C-contiguous (V,) or None.  row_loss_out: float64 C-contiguous, one per row.
+    Raises IndexError(row) for a multi-margin target out of range.
+    """
+    cdef fl_rows_job job
+    cdef int d, k, status, which, nops = len(xs)
+    cdef int64_t bad = -1, n_rows = 1
+    cdef cnp.ndarray a, g, tg, w, scratch
+    cdef list keep = []
+    memset(&job, 0, sizeof(job))
+    if kind not in ROW_LOSSES or nops < 1 or nops > 3:
+        raise ValueError("internal: bad row-loss job")
+    a = xs[0]
+    if a.ndim < 1 or a.ndim - 1 > FL_MAX_NDIM:
+        raise ValueError("internal: bad operand rank")
+    job.V = a.shape[a.ndim - 1]
+    job.row_ndim = a.ndim - 1
+    for d in range(job.row_ndim):
+        job.row_shape[d] = a.shape[d]
+        n_rows *= a.shape[d]
+    for k in range(nops):
+        a = xs[k]
+        if a.ndim != job.row_ndim + 1 or a.shape[a.ndim - 1] != job.V \
+                or (job.V > 1 and a.strides[a.ndim - 1] != a.itemsize):
+            raise ValueError("internal: operand layout")
+        job.dtype[k] = <fl_dtype>_dtype_code(a.dtype)
+        job.x[k] = cnp.PyArray_DATA(a)
+        for d in range(job.row_ndim):
+            if a.shape[d] != job.row_shape[d]:
+                raise ValueError("internal: operand shapes differ")
+            job.x_strides[k][d] = a.strides[d]
+    if grads is not None:
+        for k in range(len(grads)):
+            g = grads[k]
+            a = xs[k]
+            if g.dtype != a.dtype or g.ndim != a.ndim or not g.flags.writeable \
+                    or (job.V > 1 and g.strides[g.ndim - 1] != g.itemsize):
+                raise ValueError("internal: bad gradient array")
+            for d in range(job.row_ndim):
+                if g.shape[d] != job.row_shape[d]:
+                    raise ValueError("internal: gradient shape differs")
+                job.grad_strides[k][d] = g.strides[d]
+            job.grad[k] = cnp.PyArray_DATA(g)
+    if target is not None:
+        # a private snapshot: the kernel checks the targets, then indexes with them without the GIL
+        tg = np.array(target, dtype=np.int64, order="C", copy=True)
+        if tg.size != n_rows:
+            raise ValueError("internal: bad target array")
+        keep.append(tg)
+        job.target = <const int64_t *>cnp.PyArray_DATA(tg)
+    if weight is not None:
+        w = weight
+        if w.dtype != np.float64 or not w.flags.c_contiguous or w.size != job.V:
+            raise ValueError("internal: bad weight")
+        job.weight = <const double *>cnp.PyArray_DATA(w)
+    if row_loss_out.dtype != np.float64 or not row_loss_out.flags.c_contiguous or row_loss_out.size != n_rows:
+        raise ValueError("internal: bad row_loss")
+    job.row_loss = <double *>cnp.PyArray_DATA(row_loss_out)
+    job.ignore_index = ignore_index
+    job.p = p
+    job.margin = margin
+    job.eps = eps
+    job.temperature = temperature
+    job.swap = swap
+    job.grad_scale = grad_scale
+    scratch = np.empty(fl_rows_scratch_len(n_rows, job.V), dtype=np.float64)
+    job.scratch = <double *>cnp.PyArray_DATA(scratch)
+    job.bad_row = &bad
+    which = ROW_LOSSES.index(kind)
+    with nogil:
+        if which == 0:
+            status = fl_multi_margin(&job, nthreads)
+        elif which == 1:
+            status = fl_triplet_margin(&job, nthreads)
+        else:
+            status = fl_kl_div_logits(&job, nthreads)
+    if status == FL_ERR_INDEX:
+        raise IndexError(bad)
+    _check(status, f"{kind} kernel")

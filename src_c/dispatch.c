@@ -144,3 +144,25 @@ const char *fl_compiler(void)
     return "unknown";
 #endif
 }
+
+/* ---- row losses (rows_body.h) ---- */
+static const fl_rows_table *fl_rows_tables[FL_NISA] = {
+    &fl_table_baseline_rows,
+#if FL_MULTI_ISA
+    &fl_table_avx2_rows,
+    &fl_table_avx512_rows,
+#else
+    NULL,
+    NULL,
+#endif
+};
+
+int64_t fl_rows_scratch_len(int64_t n_rows, int64_t V)
+{
+    const int64_t nparts = V < 1 ? 1 : (V + 32767) / 32768;       /* RW_PART in rows_body.h */
+    return 8 * n_rows * nparts + 8 * n_rows + 1;
+}
+
+int fl_multi_margin(const fl_rows_job *job, int nthreads) { return fl_rows_tables[fl_get_isa()]->multi_margin(job, nthreads); }
+int fl_triplet_margin(const fl_rows_job *job, int nthreads) { return fl_rows_tables[fl_get_isa()]->triplet_margin(job, nthreads); }
+int fl_kl_div_logits(const fl_rows_job *job, int nthreads) { return fl_rows_tables[fl_get_isa()]->kl_div_logits(job, nthreads); }

@@ -153,6 +153,49 @@ int fl_num_procs(void);
 /* The compiler that built the kernels, e.g. "gcc 12.2.0". */
 const char *fl_compiler(void);
 
+/*
+ * ---- row losses (src_c/rows_body.h): multi-margin, triplet margin, distillation KL ----------
+ * One job struct for the three.  The rows form an array of shape row_shape[0..row_ndim); each
+ * operand k (up to three) has its own dtype, pointer and byte strides per row dim, and its last
+ * axis (V elements) contiguous.  Per row r the kernel writes row_loss[r] (double) and, when
+ * grad[k] is set, the gradient of grad_scale * row_loss[r] w.r.t. operand k (dtype[k], its own
+ * row strides; grad[0] may be x[0] itself: in place).  Operands:
+ *   fl_multi_margin:  x[0] = input (N.., C), target = class per row (checked: FL_ERR_INDEX and
+ *                     bad_row[0]), weight = C doubles or NULL, p in {1, 2}, margin;
+ *                     row_loss = w[y] sum_{j != y} max(0, margin - x_y + x_j)^p / C.
+ *   fl_triplet_margin: x[0..2] = anchor, positive, negative (one dtype), p > 0, margin, eps,
+ *                     swap; row_loss = max(0, margin + d(a, p) - d_neg), d(u, v) = ||u - v + eps||_p,
+ *                     d_neg = d(a, n), or min(d(a, n), d(p, n)) with swap.
+ *   fl_kl_div_logits: x[0] = student, x[1] = teacher (float16/bfloat16/float32 each in its own
+ *                     dtype, or both float64), temperature T; target (or NULL) with ignore_index:
+ *                     ignored rows give 0 and a 0 gradient; row_loss = T^2 KL(softmax(t/T) || softmax(s/T)).
+ * scratch: fl_rows_scratch_len(n_rows, V) doubles.
+ */
+typedef struct {
+    int64_t V;
+    int row_ndim;
+    int64_t row_shape[FL_MAX_NDIM];
+    fl_dtype dtype[3];
+    const void *x[3];
+    int64_t x_strides[3][FL_MAX_NDIM];
+    void *grad[3];                           /* NULL: no gradient for that operand */
+    int64_t grad_strides[3][FL_MAX_NDIM];
+    const int64_t *target;
+    int64_t ignore_index;
+    const double *weight;
+    double p, margin, eps, temperature;
+    int swap;
+    double grad_scale;
+    double *row_loss;
+    double *scratch;
+    int64_t *bad_row;                        /* 1 element */
+} fl_rows_job;
+
+int64_t fl_rows_scratch_len(int64_t n_rows, int64_t V);
+int fl_multi_margin(const fl_rows_job *job, int nthreads);
+int fl_triplet_margin(const fl_rows_job *job, int nthreads);
+int fl_kl_div_logits(const fl_rows_job *job, int nthreads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -56,6 +56,20 @@ extern const fl_kernel_table fl_table_avx2;
 extern const fl_kernel_table fl_table_avx512;
 #endif
 
+/* The row losses of rows_body.h, one table per ISA named FL_TABLE_NAME##_rows (a table of its
+ * own so that pointwise_body.h's fl_kernel_table initializer is left as it is). */
+typedef struct {
+    int (*multi_margin)(const fl_rows_job *job, int nthreads);
+    int (*triplet_margin)(const fl_rows_job *job, int nthreads);
+    int (*kl_div_logits)(const fl_rows_job *job, int nthreads);
+} fl_rows_table;
+
+extern const fl_rows_table fl_table_baseline_rows;
+#if FL_MULTI_ISA
+extern const fl_rows_table fl_table_avx2_rows;
+extern const fl_rows_table fl_table_avx512_rows;
+#endif
+
 /* Storage types of the two 16-bit formats. */
 typedef uint16_t fl_half;     /* IEEE binary16 */
 typedef uint16_t fl_bf16;     /* bfloat16 */

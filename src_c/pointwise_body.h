@@ -541,5 +541,6 @@ static double read_sum_f32(const float *x, int64_t n, int nthreads)
 }
 
 #include "ce_body.h"
+#include "rows_body.h"
 
 const fl_kernel_table FL_TABLE_NAME = {pw_run, read_sum_f32, ce_run};
