@@ -874,3 +874,144 @@ def perplexity_grad(logits, target, *, ignore_index=-100, axis=-1,
                   dtype=dtype)
     return (np.exp(cross_entropy(logits, target, **kwargs))
             * cross_entropy_grad(logits, target, **kwargs))
+
+
+# ---- margin losses and distillation
+#
+# Rows on the last axis, computed in float64 (``dtype``) from the published formulas:
+#   multi_margin_loss (torch): sum_{j != y} w[y] max(0, margin - x[y] + x[j])**p / C per row;
+#   triplet_margin_loss (torch): max(0, margin + ||a - p + eps||_p - d_neg), d_neg = ||a - n + eps||_p
+#     or min(that, ||p - n + eps||_p) with swap;
+#   kl_div_logits: T**2 sum_j q_j (log q_j - log r_j), q = softmax(teacher / T), r = softmax(student / T),
+#     q_j = 0 terms are 0; rows with target == ignore_index are dropped.
+# Reductions: "mean" over rows (multi-margin, triplet); kl_div_logits: "batchmean" = sum / active rows,
+# "mean" = sum / (active rows * V), "sum", "none" (per row).  Empty means are nan.
+
+def _row_reduce(rows, reduction, denominator):
+    if reduction == "none":
+        return rows
+    total = np.sum(rows)
+    if reduction == "sum":
+        return total
+    return total / denominator if denominator else np.float64(np.nan)
+
+
+@_quiet
+def multi_margin_loss(input, target, *, p=1, margin=1.0, weight=None, reduction="mean", dtype=np.float64):
+    x = _as_float_array(input, dtype)
+    y = np.asarray(target)[..., None]
+    C = x.shape[-1]
+    w = 1.0 if weight is None else _as_float_array(weight, dtype)[y[..., 0]]
+    z = margin - np.take_along_axis(x, y, -1) + x
+    h = np.where(z > 0, z, 0.0) ** p
+    np.put_along_axis(h, y, 0.0, -1)
+    rows = w * h.sum(-1) / C
+    return _row_reduce(rows, reduction, rows.size)
+
+
+@_quiet
+def multi_margin_loss_grad(input, target, *, p=1, margin=1.0, weight=None, reduction="mean", dtype=np.float64):
+    x = _as_float_array(input, dtype)
+    y = np.asarray(target)[..., None]
+    C = x.shape[-1]
+    w = 1.0 if weight is None else _as_float_array(weight, dtype)[y[..., 0]]
+    z = margin - np.take_along_axis(x, y, -1) + x
+    g = np.where(z > 0, 1.0 if p == 1 else 2.0 * z, 0.0)
+    np.put_along_axis(g, y, 0.0, -1)
+    np.put_along_axis(g, y, -g.sum(-1, keepdims=True), -1)
+    g = g * (np.asarray(w)[..., None] if weight is not None else 1.0) / C
+    if reduction == "mean":
+        g = g / max(int(np.prod(x.shape[:-1])), 1)
+    return g
+
+
+def _pnorm(u, p):
+    return np.sum(np.abs(u) ** p, axis=-1) ** (1.0 / p)
+
+
+def _pnorm_grad(u, d, p):
+    """d||u||_p / du (0 where ||u|| = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = np.sign(u) * np.abs(u) ** (p - 1) / d[..., None] ** (p - 1)
+    return np.where(d[..., None] == 0, 0.0, g) if p != 1 else np.sign(u)
+
+
+def _triplet_parts(anchor, positive, negative, p, eps, swap, dtype):
+    a, pp, n = (_as_float_array(v, dtype) for v in (anchor, positive, negative))
+    u, v, s = a - pp + eps, a - n + eps, pp - n + eps
+    dap, dan, dpn = _pnorm(u, p), _pnorm(v, p), _pnorm(s, p)
+    dneg = np.minimum(dan, dpn) if swap else dan
+    return u, v, s, dap, dan, dpn, dneg
+
+
+@_quiet
+def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean",
+                        dtype=np.float64):
+    _, _, _, dap, _, _, dneg = _triplet_parts(anchor, positive, negative, p, eps, swap, dtype)
+    rows = np.maximum(margin + dap - dneg, 0.0)
+    return _row_reduce(rows, reduction, rows.size)
+
+
+@_quiet
+def triplet_margin_loss_grad(anchor, positive, negative, *, margin=1.0, p=2.0, eps=1e-6, swap=False,
+                             reduction="mean", dtype=np.float64):
+    """(grad_anchor, grad_positive, grad_negative) of ``triplet_margin_loss(...).sum()``."""
+    u, v, s, dap, dan, dpn, dneg = _triplet_parts(anchor, positive, negative, p, eps, swap, dtype)
+    active = (margin + dap - dneg >= 0).astype(np.float64)
+    if swap:
+        e_an = np.where(dan < dpn, 1.0, np.where(dan == dpn, 0.5, 0.0))
+    else:
+        e_an = np.ones_like(dan)
+    e_pn = 1.0 - e_an if swap else np.zeros_like(dan)
+    gu, gv, gs = _pnorm_grad(u, dap, p), _pnorm_grad(v, dan, p), _pnorm_grad(s, dpn, p)
+    k = active / (max(active.size, 1) if reduction == "mean" else 1.0)
+    ga = k[..., None] * (gu - e_an[..., None] * gv)
+    gp = k[..., None] * (-gu - e_pn[..., None] * gs)
+    gn = k[..., None] * (e_an[..., None] * gv + e_pn[..., None] * gs)
+    return ga, gp, gn
+
+
+def _kl_rows(student_logits, teacher_logits, temperature, dtype):
+    T = float(temperature)
+    b = _as_float_array(student_logits, dtype) / T
+    a = _as_float_array(teacher_logits, dtype) / T
+    lq = a - a.max(-1, keepdims=True)
+    lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
+    lr = b - b.max(-1, keepdims=True)
+    lr = lr - np.log(np.exp(lr).sum(-1, keepdims=True))
+    q = np.exp(lq)
+    return T, q, lq, lr
+
+
+def _kl_active(target, ignore_index, rows_shape):
+    if target is None:
+        return np.ones(rows_shape, dtype=bool)
+    return np.asarray(target) != ignore_index
+
+
+@_quiet
+def kl_div_logits(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", ignore_index=-100,
+                  target=None, dtype=np.float64):
+    T, q, lq, lr = _kl_rows(student_logits, teacher_logits, temperature, dtype)
+    rows = T * T * np.sum(np.where(q > 0, q * (lq - lr), 0.0), axis=-1)
+    active = _kl_active(target, ignore_index, rows.shape)
+    rows = np.where(active, rows, 0.0)
+    n = int(np.count_nonzero(active))
+    if reduction == "none":
+        return rows
+    return _row_reduce(rows, "sum" if reduction == "sum" else "mean", n * (q.shape[-1] if reduction == "mean" else 1))
+
+
+@_quiet
+def kl_div_logits_grad(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", ignore_index=-100,
+                       target=None, dtype=np.float64):
+    """Gradient of ``kl_div_logits(...).sum()`` with respect to the student logits."""
+    T, q, lq, lr = _kl_rows(student_logits, teacher_logits, temperature, dtype)
+    active = _kl_active(target, ignore_index, q.shape[:-1])
+    g = np.where(active[..., None], T * (np.exp(lr) - q), 0.0)
+    n = int(np.count_nonzero(active))
+    if reduction == "batchmean":
+        g = g / n if n else g * np.nan
+    elif reduction == "mean":
+        g = g / (n * q.shape[-1]) if n else g * np.nan
+    return g
