@@ -220,6 +220,8 @@ class _Triplet:
         dt = result_float_dtype(*self.dtypes)
         self.xs = [_rows(a if a.dtype == dt else a.astype(dt)) for a in arrs]
         self.margin = _real(margin, "margin")
+        if self.margin <= 0:                    # as torch
+            raise ValueError(f"margin must be > 0, got {margin!r}")
         if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
             raise TypeError(f"p must be a real number, got {type(p).__name__}")
         self.p = float(p)
@@ -266,7 +268,7 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=1.0, p=2.0, eps=1e
     anchor, positive, negative : array_like, shape (..., D), one shape (no broadcasting)
         float16, float32, float64 or bfloat16 (different dtypes are converted to the common
         one); each row read once for the loss; computed in float32 (float64 for float64).
-    margin : float
+    margin : float > 0 (as torch)
     p : float > 0, finite (p = 2 and p = 1 are the vectorized paths)
     eps : float
     swap : bool
