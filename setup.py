@@ -13,6 +13,7 @@ says so.  Environment knobs:
   FASTLOSS_SANITIZE=address,undefined   build with sanitizers (debug builds)
   FASTLOSS_EXTRA_CFLAGS="..."      appended to the compile flags
 """
+import glob
 import os
 import shutil
 import sys
@@ -102,7 +103,7 @@ extensions = [
         sources=["fastloss/_core.pyx"] + C_SOURCES,
         include_dirs=["src_c", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
-        depends=["src_c/fastloss.h", "src_c/fl_internal.h", "src_c/pointwise_body.h", "src_c/ce_body.h"],
+        depends=sorted(glob.glob("src_c/*.h")),   # every kernel header: a change rebuilds
     )
 ]
 
