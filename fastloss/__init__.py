@@ -29,6 +29,8 @@ from fastloss import reference  # noqa: E402
 from fastloss._config import config, get_num_threads, set_num_threads, show_config  # noqa: E402
 from fastloss.classification import (cross_entropy, cross_entropy_with_grad, log_softmax, logsumexp,  # noqa: E402
                                      nll_loss, perplexity, softmax)
+from fastloss.sequence import (dpo_loss, dpo_loss_with_grad, info_nce_loss, info_nce_loss_with_grad,  # noqa: E402
+                               sequence_log_probs, sequence_log_probs_with_grad)
 from fastloss.regression import (huber_loss, huber_loss_with_grad, l1_loss, l1_loss_with_grad,  # noqa: E402
                                  mae, mse, mse_loss, mse_loss_with_grad, rmse, rmse_with_grad,
                                  smooth_l1_loss, smooth_l1_loss_with_grad)
