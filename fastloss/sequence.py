@@ -59,6 +59,12 @@ def _check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+def _same_array(a, b: np.ndarray) -> bool:
+    """`a` views exactly the elements of `b` (same address, shape, strides and dtype)."""
+    return (isinstance(a, np.ndarray) and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
+
+
 # ---- sequence log-probabilities ------------------------------------------------------------
 
 class _Seq:
@@ -150,9 +156,9 @@ def sequence_log_probs_with_grad(logits, target, grad_seq, *, ignore_index=-100,
     and 0 on ignored positions.  It is the cross-entropy kernel's gradient with the per-row
     sample weight ``-w_b``: each row is read for its statistics and then read and written
     for the gradient while in cache.  ``grad_out``: an array of the logits' shape and dtype
-    to write into, or ``logits`` itself (in place: the gradient overwrites the logits, so
-    the only N x V memory is the logits'); no other N x V array is allocated.  ``logp`` is
-    bitwise identical to ``sequence_log_probs``'s.
+    to write into, or ``logits`` itself (or a view of exactly its elements): in place, the
+    gradient overwrites the logits, so the only N x V memory is the logits'.  No other N x V
+    array is allocated.  ``logp`` is bitwise identical to ``sequence_log_probs``'s.
 
     Chained with ``dpo_loss_with_grad`` this is a DPO step without a log-softmax temporary:
 
@@ -178,7 +184,7 @@ def sequence_log_probs_with_grad(logits, target, grad_seq, *, ignore_index=-100,
     x0 = s.logits
     if grad_out is not None:
         inputs = {"target": np.asarray(target), "grad_seq": np.asarray(grad_seq)}
-        if grad_out is not logits:
+        if not _same_array(grad_out, x0):       # logits itself (or a view of the same elements): in place
             inputs["logits"] = x0
         check_grad_out(grad_out, x0.shape, x0.dtype, inputs, inplace_name="logits")
 
