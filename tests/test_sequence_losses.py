@@ -9,6 +9,8 @@ and bad input.
 """
 from __future__ import annotations
 
+import doctest
+import io
 import math
 import tracemalloc
 
@@ -240,6 +242,7 @@ def test_threads_bitwise_equal(isa, rng):
     for x, t, gs in ((logits, target, g), (long_rows, long_t, np.array([0.5]))):
         base = fastloss.sequence_log_probs_with_grad(x, t, gs, num_threads=1)
         base_f = fastloss.sequence_log_probs(x, t, num_threads=1, average=True)
+        assert_close(base[1], reference.sequence_log_probs_grad(x, t, gs), rtol=2e-5, atol=1e-8)
         for n in (2, 3):
             lp, grad = fastloss.sequence_log_probs_with_grad(x, t, gs, num_threads=n)
             assert_identical(lp, base[0], what=f"logp threads={n}")
@@ -577,3 +580,18 @@ def test_info_nce_bad_input():
         fastloss.info_nce_loss(np.zeros((3, 4), np.int32), k)
     with pytest.raises(ValueError, match="reduction"):
         fastloss.info_nce_loss(q, k, reduction="batchmean")
+
+
+def test_docstring_examples_run_standalone():
+    """Every example in fastloss.sequence gives the printed output in a fresh namespace."""
+    out = io.StringIO()
+    runner = doctest.DocTestRunner()
+    attempted, failed = 0, []
+    for test in doctest.DocTestFinder().find(fastloss.sequence):
+        test.globs = {}
+        if test.examples:
+            r = runner.run(test, out=out.write)
+            attempted += r.attempted
+            if r.failed:
+                failed.append(test.name)
+    assert attempted >= 10 and not failed, f"{failed}\n{out.getvalue()[:2000]}"
