@@ -13,7 +13,8 @@ InfoNCE, float32 (N, D) query and keys, tau = 0.07: ``info_nce_loss`` (+ ``_with
 Each round runs every case at 1 and 2 threads, interleaved (fastloss and torch in the same
 loop); the report gives medians and torch / fastloss ratios, plus peak extra memory:
 tracemalloc for fastloss (its arrays are NumPy allocations), the peak-RSS increase
-(VmHWM after resetting it through /proc/self/clear_refs) for torch.
+(VmHWM after resetting it through /proc/self/clear_refs) for torch.  NumPy's BLAS is limited
+to the same thread count with threadpoolctl when it is installed.
 """
 import argparse
 import os
@@ -24,6 +25,11 @@ import numpy as np
 import torch
 
 import fastloss
+
+try:                                    # NumPy's BLAS (InfoNCE's matmul) at the same thread count
+    from threadpoolctl import threadpool_limits
+except ImportError:                     # pragma: no cover
+    threadpool_limits = None
 
 
 def _reset_hwm():
@@ -126,7 +132,8 @@ def main():
     for _ in range(args.rounds):
         for nt in (1, 2):
             torch.set_num_threads(nt)
-            os.environ["OMP_NUM_THREADS"] = str(nt)
+            if threadpool_limits is not None:
+                threadpool_limits(nt, user_api="blas")
             for name, (ours, theirs, setup) in cases.items():
                 for who, fn in (("fastloss", lambda: ours(nt)), ("torch", theirs)):
                     if setup is not None and who == "fastloss":
