@@ -32,6 +32,8 @@ from fastloss.classification import (cross_entropy, cross_entropy_with_grad, log
 from fastloss.distillation import kl_div_logits, kl_div_logits_with_grad  # noqa: E402
 from fastloss.margin import (multi_margin_loss, multi_margin_loss_with_grad, triplet_margin_loss,  # noqa: E402
                              triplet_margin_loss_with_grad)
+from fastloss.sequence import (dpo_loss, dpo_loss_with_grad, info_nce_loss, info_nce_loss_with_grad,  # noqa: E402
+                               sequence_log_probs, sequence_log_probs_with_grad)
 from fastloss.regression import (huber_loss, huber_loss_with_grad, l1_loss, l1_loss_with_grad,  # noqa: E402
                                  mae, mse, mse_loss, mse_loss_with_grad, rmse, rmse_with_grad,
                                  smooth_l1_loss, smooth_l1_loss_with_grad)
@@ -45,3 +47,5 @@ __all__ = [
 ]
 __all__ += ["multi_margin_loss", "multi_margin_loss_with_grad", "triplet_margin_loss", "triplet_margin_loss_with_grad",
             "kl_div_logits", "kl_div_logits_with_grad"]
+__all__ += ["sequence_log_probs", "sequence_log_probs_with_grad", "dpo_loss", "dpo_loss_with_grad", "info_nce_loss",
+            "info_nce_loss_with_grad"]

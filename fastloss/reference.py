@@ -1015,3 +1015,160 @@ def kl_div_logits_grad(student_logits, teacher_logits, *, temperature=1.0, reduc
     elif reduction == "mean":
         g = g / (n * q.shape[-1]) if n else g * np.nan
     return g
+
+
+# ---- sequence log-probs, DPO and InfoNCE
+#
+# Written from the formulas: log_softmax materialized in float64 and gathered (what TRL
+# does), the DPO paper / TRL DPOTrainer losses on float64 vectors, and InfoNCE as a plain
+# softmax over q @ k.T / temperature.  Ignored positions contribute 0; ``average`` divides
+# by the number of non-ignored positions (0 of them: nan).
+
+def _log_softmax64(x):
+    x = np.asarray(x, dtype=np.float64)
+    shifted, log_s, _ = _shifted_rows(x)
+    return shifted - log_s
+
+
+def _sequence_parts(logits, target, ignore_index):
+    x = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(target).astype(np.int64)
+    valid = t != ignore_index
+    safe = np.where(valid, t, 0)
+    return x, safe, valid
+
+
+@_quiet
+def sequence_log_probs(logits, target, *, ignore_index=-100, average=False):
+    """``sum_t log_softmax(logits)[..., t, target_t]`` over non-ignored positions, shape
+    ``logits.shape[:-2]``; divided by their count with ``average``."""
+    x, safe, valid = _sequence_parts(logits, target, ignore_index)
+    lp = np.take_along_axis(_log_softmax64(x), safe[..., None], axis=-1)[..., 0]
+    total = np.sum(np.where(valid, lp, 0.0), axis=-1)
+    if average:
+        total = total / np.sum(valid, axis=-1)
+    return total
+
+
+@_quiet
+def sequence_log_probs_grad(logits, target, grad_seq, *, ignore_index=-100, average=False):
+    """Gradient of ``sum(grad_seq * sequence_log_probs(...))`` with respect to the logits:
+    ``grad_seq[b] (/ count_b) * (onehot(target) - softmax(logits))`` per non-ignored row."""
+    x, safe, valid = _sequence_parts(logits, target, ignore_index)
+    g = np.asarray(grad_seq, dtype=np.float64)
+    if average:
+        g = g / np.sum(valid, axis=-1)
+    p = np.exp(_log_softmax64(x))
+    onehot = np.zeros_like(p)
+    np.put_along_axis(onehot, safe[..., None], 1.0, axis=-1)
+    w = np.where(valid, g[..., None], 0.0)[..., None]
+    return np.where(valid[..., None], w * (onehot - p), 0.0)
+
+
+def _dpo_h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    c = np.asarray(policy_chosen_logps, dtype=np.float64)
+    r = np.asarray(policy_rejected_logps, dtype=np.float64)
+    if ref_chosen_logps is None:
+        rc = rr = np.zeros_like(c)
+    else:
+        rc = np.asarray(ref_chosen_logps, dtype=np.float64)
+        rr = np.asarray(ref_rejected_logps, dtype=np.float64)
+    return (c - r) - (rc - rr), c - rc, r - rr
+
+
+def _log_sigmoid(z):
+    # log(1 / (1 + exp(-z))), written so that exp never overflows
+    return np.where(z >= 0, -np.log1p(np.exp(-np.abs(z))), z - np.log1p(np.exp(-np.abs(z))))
+
+
+def _dpo_reduce(values, reduction):
+    if reduction == "none":
+        return values
+    total = np.sum(values)
+    return total / values.size if reduction == "mean" else total
+
+
+@_quiet
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reduction="mean", return_rewards=False):
+    """DPO (Rafailov et al. 2023) with TRL's loss types; h = (pi_c - pi_r) - (ref_c - ref_r):
+    sigmoid ``-(1-e) logsig(b h) - e logsig(-b h)``; robust
+    ``(-(1-e) logsig(b h) + e logsig(-b h)) / (1 - 2e)``; ipo ``(h - 1/(2b))**2``; hinge
+    ``max(0, 1 - b h)``.  Rewards ``b (pi - ref)``."""
+    h, dc, dr = _dpo_h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    b, e = float(beta), float(label_smoothing)
+    if loss_type == "sigmoid":
+        lv = -(1 - e) * _log_sigmoid(b * h) - e * _log_sigmoid(-b * h)
+    elif loss_type == "robust":
+        lv = (-(1 - e) * _log_sigmoid(b * h) + e * _log_sigmoid(-b * h)) / (1 - 2 * e)
+    elif loss_type == "ipo":
+        lv = (h - 1 / (2 * b)) ** 2
+    elif loss_type == "hinge":
+        lv = np.maximum(0.0, 1 - b * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    loss = _dpo_reduce(lv, reduction)
+    if return_rewards:
+        return loss, b * dc, b * dr
+    return loss
+
+
+@_quiet
+def dpo_loss_grad(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+                  beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reduction="mean"):
+    """``(d loss.sum() / d policy_chosen_logps, d loss.sum() / d policy_rejected_logps)``."""
+    h, _, _ = _dpo_h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    b, e = float(beta), float(label_smoothing)
+    sig = lambda z: np.exp(_log_sigmoid(z))  # noqa: E731
+    if loss_type == "sigmoid":
+        dh = -(1 - e) * b * sig(-b * h) + e * b * sig(b * h)
+    elif loss_type == "robust":
+        dh = (-(1 - e) * b * sig(-b * h) - e * b * sig(b * h)) / (1 - 2 * e)
+    elif loss_type == "ipo":
+        dh = 2 * (h - 1 / (2 * b))
+    elif loss_type == "hinge":
+        dh = np.where(1 - b * h > 0, -b, 0.0)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    if reduction == "mean":
+        dh = dh / h.size
+    return dh, -dh
+
+
+def _info_nce_rows(s):
+    """Per-row cross-entropy of similarity rows against the diagonal, and its gradient."""
+    lsm = _log_softmax64(s)
+    n = s.shape[0]
+    idx = np.arange(n)
+    rows = -lsm[idx, idx]
+    g = np.exp(lsm)
+    g[idx, idx] -= 1.0
+    return rows, g
+
+
+@_quiet
+def info_nce_loss(query, keys, *, temperature=0.07, symmetric=False, reduction="mean"):
+    """Cross-entropy of ``q @ k.T / temperature`` with labels ``arange(N)``; symmetric: the
+    mean of both directions (CLIP)."""
+    q = np.asarray(query, dtype=np.float64)
+    k = np.asarray(keys, dtype=np.float64)
+    s = q @ k.T / float(temperature)
+    rows, _ = _info_nce_rows(s)
+    if symmetric:
+        rows = 0.5 * (rows + _info_nce_rows(s.T)[0])
+    return _dpo_reduce(rows, reduction)
+
+
+@_quiet
+def info_nce_loss_grad(query, keys, *, temperature=0.07, symmetric=False, reduction="mean"):
+    """``(d loss.sum() / d query, d loss.sum() / d keys)``."""
+    q = np.asarray(query, dtype=np.float64)
+    k = np.asarray(keys, dtype=np.float64)
+    tau = float(temperature)
+    s = q @ k.T / tau
+    _, g = _info_nce_rows(s)
+    if symmetric:
+        g = 0.5 * (g + _info_nce_rows(s.T)[1].T)
+    if reduction == "mean":
+        g = g / q.shape[0]
+    return g @ k / tau, g.T @ q / tau
