@@ -29,6 +29,10 @@ from fastloss import reference  # noqa: E402
 from fastloss._config import config, get_num_threads, set_num_threads, show_config  # noqa: E402
 from fastloss.classification import (cross_entropy, cross_entropy_with_grad, log_softmax, logsumexp,  # noqa: E402
                                      nll_loss, perplexity, softmax)
+from fastloss.elementwise import (binary_cross_entropy, binary_cross_entropy_with_grad,  # noqa: E402
+                                  binary_cross_entropy_with_logits, binary_cross_entropy_with_logits_with_grad,
+                                  hinge_loss, hinge_loss_with_grad, kl_div, kl_div_with_grad, sigmoid_focal_loss,
+                                  sigmoid_focal_loss_with_grad)
 from fastloss.regression import (huber_loss, huber_loss_with_grad, l1_loss, l1_loss_with_grad,  # noqa: E402
                                  mae, mse, mse_loss, mse_loss_with_grad, rmse, rmse_with_grad,
                                  smooth_l1_loss, smooth_l1_loss_with_grad)
