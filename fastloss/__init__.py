@@ -44,3 +44,6 @@ __all__ = [
     "rmse_with_grad",
     "cross_entropy", "cross_entropy_with_grad", "log_softmax", "softmax", "logsumexp", "nll_loss", "perplexity",
 ]
+__all__ += ["binary_cross_entropy", "binary_cross_entropy_with_grad", "binary_cross_entropy_with_logits",
+            "binary_cross_entropy_with_logits_with_grad", "sigmoid_focal_loss", "sigmoid_focal_loss_with_grad",
+            "hinge_loss", "hinge_loss_with_grad", "kl_div", "kl_div_with_grad"]

@@ -32,6 +32,13 @@
  * GCC contracts a*b + c into FMA where the ISA has it (-ffp-contract=fast, its default), so
  * the ISAs may differ in the last bits of double; the float32 results are unaffected.
  *   one        l = 1 (used to sum weights alone)     dl/dx = 0
+ *
+ * The losses on probabilities and scores (FL_PW_BCE ... FL_PW_KL_LOGT, section 3b) reuse the
+ * plan, items, blocks, threads and reduction unchanged, but their segment loops read x and t
+ * separately (plus an optional pos_weight stream), compute in float for float16/bfloat16/
+ * float32 (double for float64) with the branch-free exp/log/log1p of fl_math.h, take the
+ * per-element math from elem_ops.h, and count elements outside the loss's domain (acc[2],
+ * summed into job->n_bad) instead of stopping: the caller raises.
  */
 #ifndef FL_TABLE_NAME
 #error "define FL_TABLE_NAME before including pointwise_body.h"
