@@ -34,6 +34,10 @@ from fastloss.margin import (multi_margin_loss, multi_margin_loss_with_grad, tri
                              triplet_margin_loss_with_grad)
 from fastloss.sequence import (dpo_loss, dpo_loss_with_grad, info_nce_loss, info_nce_loss_with_grad,  # noqa: E402
                                sequence_log_probs, sequence_log_probs_with_grad)
+from fastloss.elementwise import (binary_cross_entropy, binary_cross_entropy_with_grad,  # noqa: E402
+                                  binary_cross_entropy_with_logits, binary_cross_entropy_with_logits_with_grad,
+                                  hinge_loss, hinge_loss_with_grad, kl_div, kl_div_with_grad, sigmoid_focal_loss,
+                                  sigmoid_focal_loss_with_grad)
 from fastloss.regression import (huber_loss, huber_loss_with_grad, l1_loss, l1_loss_with_grad,  # noqa: E402
                                  mae, mse, mse_loss, mse_loss_with_grad, rmse, rmse_with_grad,
                                  smooth_l1_loss, smooth_l1_loss_with_grad)
@@ -49,3 +53,6 @@ __all__ += ["multi_margin_loss", "multi_margin_loss_with_grad", "triplet_margin_
             "kl_div_logits", "kl_div_logits_with_grad"]
 __all__ += ["sequence_log_probs", "sequence_log_probs_with_grad", "dpo_loss", "dpo_loss_with_grad", "info_nce_loss",
             "info_nce_loss_with_grad"]
+__all__ += ["binary_cross_entropy", "binary_cross_entropy_with_grad", "binary_cross_entropy_with_logits",
+            "binary_cross_entropy_with_logits_with_grad", "sigmoid_focal_loss", "sigmoid_focal_loss_with_grad",
+            "hinge_loss", "hinge_loss_with_grad", "kl_div", "kl_div_with_grad"]

@@ -20,6 +20,7 @@ cdef extern from "fastloss.h" nogil:
         FL_OP_TARGET
         FL_OP_WEIGHT
         FL_OP_GRAD
+        FL_OP_POSW
 
     ctypedef enum fl_dtype:
         FL_F16
@@ -33,6 +34,12 @@ cdef extern from "fastloss.h" nogil:
         FL_PW_HUBER
         FL_PW_SMOOTH_L1
         FL_PW_ONE
+        FL_PW_BCE
+        FL_PW_BCE_LOGITS
+        FL_PW_FOCAL
+        FL_PW_HINGE
+        FL_PW_KL
+        FL_PW_KL_LOGT
 
     ctypedef struct fl_pointwise_job:
         fl_pointwise_op op
@@ -41,7 +48,7 @@ cdef extern from "fastloss.h" nogil:
         int ndim
         int nred
         int64_t shape[64]
-        int64_t strides[4][64]
+        int64_t strides[5][64]
         const void *input
         const void *target
         const void *weight
@@ -51,6 +58,9 @@ cdef extern from "fastloss.h" nogil:
         double *sum_wl
         double *sum_w
         double *scratch
+        double param2
+        const void *pos_weight
+        int64_t *n_bad
 
     ctypedef struct fl_ce_job:
         fl_dtype dtype

@@ -18,7 +18,9 @@ cnp.import_array()
 
 ISA_NAMES = ("baseline", "avx2", "avx512")
 POINTWISE_OPS = {"mse": FL_PW_MSE, "l1": FL_PW_L1, "huber": FL_PW_HUBER,
-                 "smooth_l1": FL_PW_SMOOTH_L1, "one": FL_PW_ONE}
+                 "smooth_l1": FL_PW_SMOOTH_L1, "one": FL_PW_ONE,
+                 "bce": FL_PW_BCE, "bce_logits": FL_PW_BCE_LOGITS, "focal": FL_PW_FOCAL,
+                 "hinge": FL_PW_HINGE, "kl": FL_PW_KL, "kl_log_target": FL_PW_KL_LOGT}
 MAX_NDIM = FL_MAX_NDIM
 BLOCK = FL_BLOCK
 
@@ -53,22 +55,28 @@ cdef void _set_operand(fl_pointwise_job *job, int k, cnp.ndarray a):
 
 
 def pointwise(str op, double param, cnp.ndarray x, cnp.ndarray t, object w, object g, object e,
-              int nred, object sum_wl, object sum_w, object grad_scale, int nthreads):
+              int nred, object sum_wl, object sum_w, object grad_scale, int nthreads,
+              double param2=0.0, object pos_weight=None):
     """Run one pointwise job (see fl_pointwise_job in src_c/fastloss.h).
 
-    x, t, w, g share shape and dtype (w, g may be None); the last `nred` dims are
-    reduced.  e: C-contiguous float32/float64 output or None.  sum_wl, sum_w:
-    float64 arrays of n_out (or None).  grad_scale: float64 array of n_out.
+    x, t, w, g (and pos_weight) share shape and dtype (w, g, pos_weight may be None);
+    the last `nred` dims are reduced.  e: C-contiguous float32/float64 output or None.
+    sum_wl, sum_w: float64 arrays of n_out (or None).  grad_scale: float64 array of n_out.
+    param2: the second option (focal: alpha).  Returns the number of elements outside the
+    loss's domain (always 0 for the regression losses).
     """
     cdef fl_pointwise_job job
     cdef int d, status
-    cdef cnp.ndarray wa, ga, ea, swl, sw, gs, scratch
+    cdef int64_t n_bad = 0
+    cdef cnp.ndarray wa, ga, ea, swl, sw, gs, scratch, pwa
     memset(&job, 0, sizeof(job))
     if x.ndim > FL_MAX_NDIM:
         raise ValueError(f"at most {FL_MAX_NDIM} dimensions are supported")
     job.op = POINTWISE_OPS[op]
     job.dtype = <fl_dtype>_dtype_code(x.dtype)
     job.param = param
+    job.param2 = param2
+    job.n_bad = &n_bad
     job.ndim = x.ndim
     job.nred = nred
     for d in range(x.ndim):
@@ -85,6 +93,12 @@ def pointwise(str op, double param, cnp.ndarray x, cnp.ndarray t, object w, obje
             raise ValueError("internal: weight layout differs from input")
         job.weight = cnp.PyArray_DATA(wa)
         _set_operand(&job, FL_OP_WEIGHT, wa)
+    if pos_weight is not None:
+        pwa = pos_weight
+        if pwa.dtype != x.dtype or pwa.ndim != x.ndim:
+            raise ValueError("internal: pos_weight layout differs from input")
+        job.pos_weight = cnp.PyArray_DATA(pwa)
+        _set_operand(&job, FL_OP_POSW, pwa)
     if g is not None:
         ga = g
         if ga.dtype != x.dtype or ga.ndim != x.ndim or not ga.flags.writeable:
@@ -108,6 +122,7 @@ def pointwise(str op, double param, cnp.ndarray x, cnp.ndarray t, object w, obje
     with nogil:
         status = fl_pointwise(&job, nthreads)
     _check(status, f"{op} kernel")
+    return n_bad
 
 
 CE_MODES = {"none": FL_CE_OUT_NONE, "grad": FL_CE_OUT_GRAD, "log_softmax": FL_CE_OUT_LOGSOFTMAX,

@@ -1172,3 +1172,154 @@ def info_nce_loss_grad(query, keys, *, temperature=0.07, symmetric=False, reduct
     if reduction == "mean":
         g = g / q.shape[0]
     return g @ k / tau, g.T @ q / tau
+
+
+# ---- elementwise losses on probabilities and scores
+# Plain float64 NumPy, written from the published formulas (torch's Loss.cpp for the BCE
+# losses and kl_div, torchvision's sigmoid_focal_loss, the SVM hinge loss).  Every
+# function broadcasts ``target`` (and ``weight``, ``pos_weight``) to ``input``'s shape;
+# ``reduction="mean"`` divides by the number of elements (with ``weight`` too, as torch);
+# the ``_grad`` twins return the gradient of ``loss.sum()`` with respect to ``input``.
+
+
+def _elem_prepare(input, target, dtype, *others):
+    x = _as_float_array(input, dtype)
+    t = np.broadcast_to(_as_float_array(target, dtype), x.shape)
+    rest = [None if o is None else np.broadcast_to(_as_float_array(o, dtype), x.shape) for o in others]
+    return (x, t, *rest)
+
+
+def _elem_reduce(l, reduction):
+    if reduction == "none":
+        return l
+    total = np.sum(l, dtype=np.float64)
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / (l.shape[0] if l.ndim else 1)
+    return total / l.size if l.size else np.float64(np.nan)
+
+
+def _elem_grad_scale(shape, reduction):
+    n = math.prod(shape)
+    if reduction == "mean":
+        return 1.0 / n if n else np.nan
+    if reduction == "batchmean":
+        return 1.0 / shape[0] if len(shape) else 1.0
+    return 1.0
+
+
+def _softplus(z):
+    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+def _sigmoid(z):
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+@_quiet
+def binary_cross_entropy(input, target, *, weight=None, reduction="mean", dtype=np.float64):
+    """``-w (t max(log x, -100) + (1 - t) max(log(1 - x), -100))``; input and target in [0, 1]."""
+    x, t, w = _elem_prepare(input, target, dtype, weight)
+    if not (np.all((x >= 0) & (x <= 1)) and np.all((t >= 0) & (t <= 1))):
+        raise ValueError("binary_cross_entropy needs input and target in [0, 1]")
+    l = -(t * np.maximum(np.log(x), -100) + (1 - t) * np.maximum(np.log1p(-x), -100))
+    return _elem_reduce(l if w is None else w * l, reduction)
+
+
+@_quiet
+def binary_cross_entropy_grad(input, target, *, weight=None, reduction="mean", dtype=np.float64):
+    """``w (x - t) / max(x (1 - x), 1e-12)`` (torch's clamp of the denominator)."""
+    x, t, w = _elem_prepare(input, target, dtype, weight)
+    g = (x - t) / np.maximum(x * (1 - x), 1e-12)
+    g = g if w is None else w * g
+    return g * _elem_grad_scale(x.shape, reduction)
+
+
+@_quiet
+def binary_cross_entropy_with_logits(input, target, *, weight=None, pos_weight=None, reduction="mean",
+                                     dtype=np.float64):
+    """``w ((1 - t) x - (1 + (pw - 1) t) log sigmoid(x))`` = ``w ((1 - t) sp(x) + pw t sp(-x))``."""
+    x, t, w, pw = _elem_prepare(input, target, dtype, weight, pos_weight)
+    pw = 1.0 if pw is None else pw
+    l = (1 - t) * _softplus(x) + pw * t * _softplus(-x)
+    return _elem_reduce(l if w is None else w * l, reduction)
+
+
+@_quiet
+def binary_cross_entropy_with_logits_grad(input, target, *, weight=None, pos_weight=None, reduction="mean",
+                                          dtype=np.float64):
+    """``w ((1 - t) sigmoid(x) - pw t sigmoid(-x))``."""
+    x, t, w, pw = _elem_prepare(input, target, dtype, weight, pos_weight)
+    pw = 1.0 if pw is None else pw
+    g = (1 - t) * _sigmoid(x) - pw * t * _sigmoid(-x)
+    g = g if w is None else w * g
+    return g * _elem_grad_scale(x.shape, reduction)
+
+
+def _focal_parts(x, t, alpha, gamma):
+    p, q = _sigmoid(x), _sigmoid(-x)
+    ce = (1 - t) * _softplus(x) + t * _softplus(-x)
+    u = p * (1 - t) + q * t                    # 1 - p_t
+    a = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else 1.0
+    return p, q, ce, u, a
+
+
+@_quiet
+def sigmoid_focal_loss(input, target, *, alpha=0.25, gamma=2.0, reduction="mean", dtype=np.float64):
+    """torchvision: ``alpha_t ce (1 - p_t)^gamma`` (``alpha < 0``: ``alpha_t = 1``)."""
+    x, t = _elem_prepare(input, target, dtype)
+    _, _, ce, u, a = _focal_parts(x, t, alpha, gamma)
+    return _elem_reduce(a * ce * u ** gamma, reduction)
+
+
+@_quiet
+def sigmoid_focal_loss_grad(input, target, *, alpha=0.25, gamma=2.0, reduction="mean", dtype=np.float64):
+    """``alpha_t (ce' u^gamma + ce gamma u^(gamma-1) u')``, ``u = 1 - p_t``, ``ce' = p - t``,
+    ``u' = p (1 - p)(1 - 2t)``; the second term is 0 where ``u == 0``."""
+    x, t = _elem_prepare(input, target, dtype)
+    p, q, ce, u, a = _focal_parts(x, t, alpha, gamma)
+    dce = (1 - t) * p - t * q
+    du = p * q * (1 - 2 * t)
+    second = np.where(u > 0, ce * gamma * u ** (gamma - 1) * du, 0.0)
+    g = a * (dce * u ** gamma + second)
+    return g * _elem_grad_scale(x.shape, reduction)
+
+
+@_quiet
+def hinge_loss(input, target, *, margin=1.0, reduction="mean", dtype=np.float64):
+    """``max(0, margin - t x)`` with ``t`` in {-1, +1}."""
+    x, t = _elem_prepare(input, target, dtype)
+    if not np.all((t == 1) | (t == -1)):
+        raise ValueError("hinge_loss needs targets of -1 or +1")
+    return _elem_reduce(np.maximum(margin - t * x, 0), reduction)
+
+
+@_quiet
+def hinge_loss_grad(input, target, *, margin=1.0, reduction="mean", dtype=np.float64):
+    """``-t`` where ``margin - t x > 0``, else 0."""
+    x, t = _elem_prepare(input, target, dtype)
+    g = np.where(margin - t * x > 0, -t, 0.0)
+    return g * _elem_grad_scale(x.shape, reduction)
+
+
+@_quiet
+def kl_div(input, target, *, reduction="mean", log_target=False, dtype=np.float64):
+    """torch's ``kl_div``: ``xlogy(t, t) - t x`` (``log_target``: ``exp(t) (t - x)``);
+    ``"batchmean"`` divides the sum by ``input.shape[0]``."""
+    x, t = _elem_prepare(input, target, dtype)
+    if log_target:
+        l = np.exp(t) * (t - x)
+    else:
+        l = np.where(t == 0, 0.0, t * np.log(np.where(t == 0, 1.0, t))) - t * x
+        l = np.where(np.isnan(t), np.nan, l)
+    return _elem_reduce(l, reduction)
+
+
+@_quiet
+def kl_div_grad(input, target, *, reduction="mean", log_target=False, dtype=np.float64):
+    """``-t`` (``log_target``: ``-exp(t)``)."""
+    x, t = _elem_prepare(input, target, dtype)
+    g = -np.exp(t) if log_target else -t
+    return np.broadcast_to(g, x.shape) * _elem_grad_scale(x.shape, reduction)

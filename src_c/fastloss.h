@@ -36,18 +36,27 @@ typedef enum { FL_F16 = 0, FL_BF16 = 1, FL_F32 = 2, FL_F64 = 3, FL_NDTYPES = 4 }
 
 typedef enum { FL_ISA_BASELINE = 0, FL_ISA_AVX2 = 1, FL_ISA_AVX512 = 2, FL_NISA = 3 } fl_isa;
 
-/* Pointwise regression losses l(d), d = input - target. */
+/* Pointwise losses: the regression losses are functions l(d) of d = input - target; the
+ * losses on probabilities and scores (BCE_LOGITS ... KL_LOGT) take x and t separately and
+ * are computed in float for float16/bfloat16/float32 and in double for float64 (see
+ * src_c/elem_ops.h for the formulas). */
 typedef enum {
     FL_PW_MSE = 0,              /* d^2                                           */
     FL_PW_L1 = 1,               /* |d|                                           */
     FL_PW_HUBER = 2,            /* 0.5 d^2 if |d| < p else p (|d| - 0.5 p)       */
     FL_PW_SMOOTH_L1 = 3,        /* 0.5 d^2 / p if |d| < p else |d| - 0.5 p       */
     FL_PW_ONE = 4,              /* 1 (sums the weights only; reads no input)     */
-    FL_NPW = 5
+    FL_PW_BCE = 5,              /* binary cross-entropy on probabilities (domain-checked) */
+    FL_PW_BCE_LOGITS = 6,       /* BCE with logits; pos_weight operand (NULL: 1)  */
+    FL_PW_FOCAL = 7,            /* sigmoid focal: param = gamma, param2 = alpha    */
+    FL_PW_HINGE = 8,            /* max(0, margin - t x), param = margin; t in {-1, 1} checked */
+    FL_PW_KL = 9,               /* xlogy(t, t) - t x                              */
+    FL_PW_KL_LOGT = 10,         /* exp(t) (t - x)                                 */
+    FL_NPW = 11
 } fl_pointwise_op;
 
 /* Operand slots of a pointwise job. */
-enum { FL_OP_INPUT = 0, FL_OP_TARGET = 1, FL_OP_WEIGHT = 2, FL_OP_GRAD = 3, FL_NOPERANDS = 4 };
+enum { FL_OP_INPUT = 0, FL_OP_TARGET = 1, FL_OP_WEIGHT = 2, FL_OP_GRAD = 3, FL_OP_POSW = 4, FL_NOPERANDS = 5 };
 
 /*
  * A pointwise job over a logical array of shape `shape[0..ndim)`.  The last
@@ -63,6 +72,7 @@ enum { FL_OP_INPUT = 0, FL_OP_TARGET = 1, FL_OP_WEIGHT = 2, FL_OP_GRAD = 3, FL_N
  *                                         double for F64); requires nred == ndim
  *   grad                                  w * dl/dinput * grad_scale[o], written in the
  *                                         input dtype (may alias input exactly)
+ * pos_weight (op BCE_LOGITS) is a fifth operand with its own strides (slot FL_OP_POSW).
  * scratch: fl_pointwise_scratch_len(job) doubles when reducing, else may be NULL.
  */
 typedef struct {
@@ -78,6 +88,12 @@ typedef struct {
     const double *grad_scale;               /* n_out entries; required when grad != NULL */
     double *sum_wl, *sum_w;                 /* n_out entries each, or both NULL */
     double *scratch;
+    /* the losses on probabilities and scores (op >= FL_PW_BCE): */
+    double param2;                          /* alpha (focal) */
+    const void *pos_weight;                 /* BCE_LOGITS only, input dtype, may be NULL */
+    int64_t *n_bad;                         /* if set: += the number of elements outside the
+                                               loss's domain (BCE: x or t not in [0, 1]; hinge:
+                                               t not -1 or +1); they still get a (NaN) value */
 } fl_pointwise_job;
 
 int64_t fl_pointwise_scratch_len(const fl_pointwise_job *job);

@@ -32,12 +32,20 @@
  * GCC contracts a*b + c into FMA where the ISA has it (-ffp-contract=fast, its default), so
  * the ISAs may differ in the last bits of double; the float32 results are unaffected.
  *   one        l = 1 (used to sum weights alone)     dl/dx = 0
+ *
+ * The losses on probabilities and scores (FL_PW_BCE ... FL_PW_KL_LOGT, section 3b) reuse the
+ * plan, items, blocks, threads and reduction unchanged, but their segment loops read x and t
+ * separately (plus an optional pos_weight stream), compute in float for float16/bfloat16/
+ * float32 (double for float64) with the branch-free exp/log/log1p of fl_math.h, take the
+ * per-element math from elem_ops.h, and count elements outside the loss's domain (acc[2],
+ * summed into job->n_bad) instead of stopping: the caller raises.
  */
 #ifndef FL_TABLE_NAME
 #error "define FL_TABLE_NAME before including pointwise_body.h"
 #endif
 
 #include "fl_internal.h"
+#include "fl_math.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -232,9 +240,194 @@ enum { PW_M_R = 0, PW_M_E = 1, PW_M_G = 2, PW_M_RG = 3, PW_M_EG = 4, PW_NMODES =
 #define PW_TAB_OPS(DT) \
     { PW_TAB_W(DT, mse), PW_TAB_W(DT, l1), PW_TAB_W(DT, huber), PW_TAB_W(DT, sl1), PW_TAB_W(DT, one) }
 
-static const pw_seg_fn pw_seg_table[FL_NDTYPES][FL_NPW][2][PW_NMODES] = {
+#define PW_NREG (FL_PW_ONE + 1)           /* the regression ops: d = x - t */
+
+static const pw_seg_fn pw_seg_table[FL_NDTYPES][PW_NREG][2][PW_NMODES] = {
     PW_TAB_OPS(f16), PW_TAB_OPS(bf16), PW_TAB_OPS(f32), PW_TAB_OPS(f64)
 };
+
+/* ---- 3b. the losses on probabilities and scores: x and t separately ----------
+ * Same segment structure as above, but the math is in R = float for float16/bfloat16/float32
+ * (double for float64) with the vectorizable exp/log of fl_math.h, the per-element function
+ * comes from elem_ops.h, and there are two more streams: pos_weight (BCE with logits; a
+ * vector, or a constant pwc along the segment, 1 when absent) and the count of elements
+ * outside the loss's domain (acc[2]).  Sums are still accumulated in double lanes.       */
+
+#define EO_R float
+#define EO_S f
+#define EO_EXP fl_expf
+#define EO_LOG fl_logf
+#define EO_LOG1P fl_log1pf
+#include "elem_ops.h"
+#undef EO_R
+#undef EO_S
+#undef EO_EXP
+#undef EO_LOG
+#undef EO_LOG1P
+#define EO_R double
+#define EO_S d
+#define EO_EXP fl_exp
+#define EO_LOG fl_log
+#define EO_LOG1P fl_log1p
+#include "elem_ops.h"
+#undef EO_R
+#undef EO_S
+#undef EO_EXP
+#undef EO_LOG
+#undef EO_LOG1P
+
+/* loads straight into the compute type R */
+#define LDR_f32(v) (v)
+#define LDR_f64(v) (v)
+#define LDR_f16(v) fl_half_to_f32(v)
+#define LDR_bf16(v) fl_bf16_to_f32(v)
+
+typedef struct {
+    double p1, p2;          /* param (margin / gamma), param2 (alpha; focal: 1 if alpha < 0) */
+    float p1f, p2f;
+    double pwc;             /* the pos_weight value when there is no pos_weight operand:
+                               1, or for focal 1 - alpha (1 if alpha < 0), see elem_ops.h */
+} bx_par;
+
+typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w, const void *pw,
+                          void *g, void *e, const bx_par *par, double pwc, double lscale,
+                          double gscale, double *acc);
+
+#define BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i, L)                                  \
+    {                                                                                            \
+        RT pv = HASPW ? (RT)LDR_##DT(pw[i]) : pwcr;                                                  \
+        eo_res_##RS res = eo_##OP##_##RS((RT)LDR_##DT(x[i]), (RT)LDR_##DT(t[i]), pv, p1, p2);         \
+        RT wi = HASW ? (RT)LDR_##DT(w[i]) : (RT)1;                                                    \
+        RT wl = HASW ? wi * res.l : res.l;                                                        \
+        if (RED) { lane_wl[L] += (double)wl; if (HASW) lane_w[L] += (double)wi; }                \
+        lane_bad[L] += res.bad;                                                                  \
+        if (E) e[i] = (OUT)(HASW ? wl : lsr * wl);                                               \
+        if (G) g[i] = ST_##DT(res.g * (HASW ? gsr * wi : gsr));                                  \
+    }
+
+#define BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, MODE, RED, E, G)                              \
+    static void bxseg_##DT##_##OP##_##WT##_##MODE(int64_t n, const void *x_, const void *t_,       \
+                                                  const void *w_, const void *pw_, void *g_,      \
+                                                  void *e_, const bx_par *par, double pwc,        \
+                                                  double lscale, double gscale, double *acc)      \
+    {                                                                                            \
+        const T *x = (const T *)x_; /* not restrict: g may be x */                               \
+        const T *FL_RESTRICT t = (const T *)t_;                                                  \
+        const T *FL_RESTRICT w = (const T *)w_;                                                  \
+        const T *FL_RESTRICT pw = (const T *)pw_;                                                \
+        T *g = (T *)g_;                                                                          \
+        OUT *FL_RESTRICT e = (OUT *)e_;                                                          \
+        const RT p1 = (RT)(sizeof(RT) == 4 ? par->p1f : par->p1);                                   \
+        const RT p2 = (RT)(sizeof(RT) == 4 ? par->p2f : par->p2);                                   \
+        const RT pwcr = (RT)pwc, lsr = (RT)lscale, gsr = (RT)gscale;                                 \
+        double lane_wl[PW_LANES], lane_w[PW_LANES];                                              \
+        RT lane_bad[PW_LANES];                                                                    \
+        (void)x; (void)t; (void)w; (void)pw; (void)g; (void)e; (void)lsr; (void)gsr; (void)pwcr; \
+        (void)lane_w; (void)lscale;                                                              \
+        for (int j = 0; j < PW_LANES; j++) { lane_wl[j] = lane_w[j] = 0.0; lane_bad[j] = 0; }    \
+        const int64_t nv = n - n % PW_LANES;                                                     \
+        for (int64_t c = 0; c < nv; c += PW_CHUNK) {                                             \
+            const int64_t c1 = nv - c < PW_CHUNK ? nv : c + PW_CHUNK;                            \
+            for (int64_t k = c; k < c1; k += PW_LINE / (int64_t)sizeof(T)) {                     \
+                FL_PREFETCH(x + k, PW_PF_BYTES);                                                 \
+                FL_PREFETCH(t + k, PW_PF_BYTES);                                                 \
+                if (HASW) FL_PREFETCH(w + k, PW_PF_BYTES);                                       \
+                if (HASPW) FL_PREFETCH(pw + k, PW_PF_BYTES);                                     \
+            }                                                                                    \
+            for (int64_t i0 = c; i0 < c1; i0 += PW_LANES) {                                      \
+                _Pragma("omp simd")                                                              \
+                for (int j = 0; j < PW_LANES; j++)                                               \
+                    BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i0 + j, j)               \
+            }                                                                                    \
+        }                                                                                        \
+        for (int64_t i = nv; i < n; i++)                                                         \
+            BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i, i - nv)                       \
+        if (RED) {                                                                               \
+            double s_wl = pw_lanes_sum(lane_wl), s_w = pw_lanes_sum(lane_w);                     \
+            acc[0] += HASW ? s_wl : lscale * s_wl;                                               \
+            if (HASW) acc[1] += s_w;                                                             \
+        }                                                                                        \
+        RT nbad = 0;                                                                              \
+        for (int j = 0; j < PW_LANES; j++) nbad += lane_bad[j];                                  \
+        acc[2] += (double)nbad;                                                                  \
+    }
+
+#define BX_SEG_MODES(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT)          \
+    BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, R, 1, 0, 0)        \
+    BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, E, 0, 1, 0)        \
+    BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, G, 0, 0, 1)        \
+    BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, RG, 1, 0, 1)       \
+    BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, EG, 0, 1, 1)
+
+/* weight: bce, bce_logits (nw = none or constant, vw = vector); pos_weight: bce_logits only
+ * (np = none or constant, vp = vector); the others have neither. */
+#define BX_SEG_OPS(DT, T, RT, RS, OUT)                                 \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, bce, 0, 0, nw_np)                 \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, bce, 1, 0, vw_np)                 \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, bcel, 0, 0, nw_np)                \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, bcel, 1, 0, vw_np)                \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, bcel, 0, 1, nw_vp)                \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, bcel, 1, 1, vw_vp)                \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, focal, 0, 0, nw_np)               \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, hinge, 0, 0, nw_np)               \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, kl, 0, 0, nw_np)                  \
+    BX_SEG_MODES(DT, T, RT, RS, OUT, kllt, 0, 0, nw_np)
+
+BX_SEG_OPS(f16, fl_half, float, f, float)
+BX_SEG_OPS(bf16, fl_bf16, float, f, float)
+BX_SEG_OPS(f32, float, float, f, float)
+BX_SEG_OPS(f64, double, double, d, double)
+
+#define PW_NBX (FL_NPW - FL_PW_BCE)
+
+#define BX_TAB_MODES(DT, OP, WT)                                                              \
+    { bxseg_##DT##_##OP##_##WT##_R, bxseg_##DT##_##OP##_##WT##_E, bxseg_##DT##_##OP##_##WT##_G, \
+      bxseg_##DT##_##OP##_##WT##_RG, bxseg_##DT##_##OP##_##WT##_EG }
+#define BX_TAB_NONE { NULL, NULL, NULL, NULL, NULL }
+#define BX_TAB_ONLY(DT, OP) { { BX_TAB_MODES(DT, OP, nw_np), BX_TAB_NONE }, { BX_TAB_NONE, BX_TAB_NONE } }
+#define BX_TAB_OPS(DT)                                                                          \
+    { { { BX_TAB_MODES(DT, bce, nw_np), BX_TAB_NONE }, { BX_TAB_MODES(DT, bce, vw_np), BX_TAB_NONE } }, \
+      { { BX_TAB_MODES(DT, bcel, nw_np), BX_TAB_MODES(DT, bcel, nw_vp) },                         \
+        { BX_TAB_MODES(DT, bcel, vw_np), BX_TAB_MODES(DT, bcel, vw_vp) } },                       \
+      BX_TAB_ONLY(DT, focal), BX_TAB_ONLY(DT, hinge), BX_TAB_ONLY(DT, kl), BX_TAB_ONLY(DT, kllt) }
+
+/* bx_seg_table[dtype][op - FL_PW_BCE][vector weight][vector pos_weight][mode] */
+static const bx_seg_fn bx_seg_table[FL_NDTYPES][PW_NBX][2][2][PW_NMODES] = {
+    BX_TAB_OPS(f16), BX_TAB_OPS(bf16), BX_TAB_OPS(f32), BX_TAB_OPS(f64)
+};
+
+/* generic strides (scalar): s[k] = innermost byte stride of operand k */
+#define BX_GENERIC(DT, T, RT, RS, OUT)                                                            \
+    static void bxgen_##DT(int op, int64_t n, const char *x, const char *t, const char *w,       \
+                           const char *pw, char *g, OUT *e, const int64_t *s, const bx_par *par, \
+                           double gscale, double *acc)                                           \
+    {                                                                                            \
+        const RT p1 = (RT)(sizeof(RT) == 4 ? par->p1f : par->p1);                                   \
+        const RT p2 = (RT)(sizeof(RT) == 4 ? par->p2f : par->p2);                                   \
+        const RT gsr = (RT)gscale;                                                                 \
+        double s_wl = 0.0, s_w = 0.0, nbad = 0.0;                                                \
+        for (int64_t i = 0; i < n; i++) {                                                        \
+            RT xv = (RT)LDR_##DT(*(const T *)(x + i * s[FL_OP_INPUT]));                            \
+            RT tv = (RT)LDR_##DT(*(const T *)(t + i * s[FL_OP_TARGET]));                           \
+            RT pv = pw ? (RT)LDR_##DT(*(const T *)(pw + i * s[FL_OP_POSW])) : (RT)par->pwc;                \
+            RT wi = w ? (RT)LDR_##DT(*(const T *)(w + i * s[FL_OP_WEIGHT])) : (RT)1;                \
+            eo_res_##RS res = eo_any_##RS(op, xv, tv, pv, p1, p2);                               \
+            RT wl = w ? wi * res.l : res.l;                                                       \
+            s_wl += (double)wl;                                                                  \
+            s_w += (double)wi;                                                                   \
+            nbad += (double)res.bad;                                                             \
+            if (e) e[i] = (OUT)wl;                                                               \
+            if (g) *(T *)(g + i * s[FL_OP_GRAD]) = ST_##DT(res.g * (w ? gsr * wi : gsr));        \
+        }                                                                                        \
+        acc[0] += s_wl;                                                                          \
+        acc[1] += s_w;                                                                           \
+        acc[2] += nbad;                                                                          \
+    }
+
+BX_GENERIC(f16, fl_half, float, f, float)
+BX_GENERIC(bf16, fl_bf16, float, f, float)
+BX_GENERIC(f32, float, float, f, float)
+BX_GENERIC(f64, double, double, d, double)
 
 /* ---- 4. generic-stride segment loop (any strides, scalar) ------------------ */
 
@@ -299,6 +492,9 @@ typedef struct {
     int mode;                             /* PW_M_* */
     int fast;                             /* innermost strides allow the unit-stride loops */
     int wkind;                            /* 0 none, 1 vector, 2 constant along innermost dim */
+    int pkind;                            /* pos_weight: the same three kinds */
+    int bx;                               /* op >= FL_PW_BCE (section 3b) */
+    bx_par par;
 } pw_plan;
 
 static size_t pw_itemsize(fl_dtype dt) { return dt == FL_F64 ? 8 : (dt == FL_F32 ? 4 : 2); }
@@ -310,6 +506,8 @@ static int pw_make_plan(const fl_pointwise_job *J, pw_plan *P)
     if ((int)J->op < 0 || J->op >= FL_NPW) return FL_ERR_ARG;
     if (J->op == FL_PW_SMOOTH_L1 && !(J->param > 0.0)) return FL_ERR_ARG;  /* beta == 0 is L1 */
     if (J->op == FL_PW_HUBER && !(J->param > 0.0)) return FL_ERR_ARG;
+    if (J->pos_weight && J->op != FL_PW_BCE_LOGITS) return FL_ERR_ARG;
+    if (J->op == FL_PW_FOCAL && !(J->param >= 0.0)) return FL_ERR_ARG;
     int reduce = J->sum_wl != NULL;
     if (reduce != (J->sum_w != NULL)) return FL_ERR_ARG;
     if (J->loss_out && (reduce || J->nred != J->ndim)) return FL_ERR_ARG;
@@ -326,6 +524,17 @@ static int pw_make_plan(const fl_pointwise_job *J, pw_plan *P)
     P->present[FL_OP_TARGET] = 1;
     P->present[FL_OP_WEIGHT] = J->weight != NULL;
     P->present[FL_OP_GRAD] = J->grad != NULL;
+    P->present[FL_OP_POSW] = J->pos_weight != NULL;
+    P->bx = J->op >= FL_PW_BCE;
+    P->par.p1 = J->param;
+    P->par.p2 = J->param2;
+    P->par.pwc = 1.0;
+    if (J->op == FL_PW_FOCAL) {           /* alpha_t = p2 t + pwc (1 - t) */
+        P->par.p2 = J->param2 >= 0.0 ? J->param2 : 1.0;
+        P->par.pwc = J->param2 >= 0.0 ? 1.0 - J->param2 : 1.0;
+    }
+    P->par.p1f = (float)P->par.p1;
+    P->par.p2f = (float)P->par.p2;
     if (reduce && J->grad) P->mode = PW_M_RG;
     else if (reduce) P->mode = PW_M_R;
     else if (J->loss_out && J->grad) P->mode = PW_M_EG;
@@ -374,15 +583,30 @@ static int pw_make_plan(const fl_pointwise_job *J, pw_plan *P)
     int last = nd - 1;
     int64_t isz = (int64_t)P->itemsize;
     int64_t sw = P->strides[FL_OP_WEIGHT][last];
+    int64_t sp = P->strides[FL_OP_POSW][last];
     P->fast = P->strides[FL_OP_INPUT][last] == isz && P->strides[FL_OP_TARGET][last] == isz &&
               (!J->grad || P->strides[FL_OP_GRAD][last] == isz) &&
-              (!J->weight || sw == isz || sw == 0);
+              (!J->weight || sw == isz || sw == 0) &&
+              (!J->pos_weight || sp == isz || sp == 0);
     P->wkind = !J->weight ? 0 : (sw == 0 ? 2 : 1);
+    P->pkind = !J->pos_weight ? 0 : (sp == 0 ? 2 : 1);
     return FL_OK;
 }
 
 /* ---- 6. one item: block b of output o ------------------------------------- */
 
+/* one element of dtype dt at p, as a double */
+static double pw_load1(fl_dtype dt, const char *p)
+{
+    switch (dt) {
+    case FL_F16: return LD_f16(*(const fl_half *)p);
+    case FL_BF16: return LD_bf16(*(const fl_bf16 *)p);
+    case FL_F32: return LD_f32(*(const float *)p);
+    default: return LD_f64(*(const double *)p);
+    }
+}
+
+/* acc: sum w*l, sum w, number of elements outside the domain (section 3b ops only) */
 static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
 {
     const fl_pointwise_job *J = P->job;
@@ -390,7 +614,7 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
     int64_t r0 = b * FL_BLOCK;
     int64_t remaining = (P->n_red - r0 < FL_BLOCK) ? P->n_red - r0 : FL_BLOCK;
     int64_t flat = o * P->n_red + r0;        /* C-order index over the whole array */
-    int64_t idx[FL_MAX_NDIM], off[FL_NOPERANDS] = {0, 0, 0, 0};
+    int64_t idx[FL_MAX_NDIM], off[FL_NOPERANDS] = {0, 0, 0, 0, 0};
 
     int64_t f = flat;
     for (int d = last; d >= 0; d--) {
@@ -405,7 +629,11 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
     const size_t osz = J->dtype == FL_F64 ? sizeof(double) : sizeof(float);
     char *e = (char *)J->loss_out;
     const double gs = J->grad ? J->grad_scale[o] : 1.0;
-    pw_seg_fn fn = P->fast ? pw_seg_table[J->dtype][J->op][P->wkind == 1][P->mode] : NULL;
+    pw_seg_fn fn = P->fast && !P->bx ? pw_seg_table[J->dtype][J->op][P->wkind == 1][P->mode] : NULL;
+    bx_seg_fn bfn = P->fast && P->bx
+                        ? bx_seg_table[J->dtype][J->op - FL_PW_BCE][P->wkind == 1][P->pkind == 1][P->mode]
+                        : NULL;
+    const char *pw = (const char *)J->pos_weight;
 
     while (remaining > 0) {
         int64_t seg = P->shape[last] - idx[last];
@@ -414,7 +642,25 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
         const char *ws = w ? w + off[FL_OP_WEIGHT] : NULL;
         char *gp = g ? g + off[FL_OP_GRAD] : NULL;
         char *ep = e ? e + flat * (int64_t)osz : NULL;
-        if (fn) {
+        const char *pws = pw ? pw + off[FL_OP_POSW] : NULL;
+        if (bfn) {
+            double wv = 1.0, pv = P->par.pwc;
+            if (P->wkind == 2) wv = pw_load1(J->dtype, ws);   /* weight constant along this segment */
+            if (P->pkind == 2) pv = pw_load1(J->dtype, pws);  /* pos_weight likewise */
+            bfn(seg, xs, ts, P->wkind == 1 ? ws : NULL, P->pkind == 1 ? pws : NULL, gp, ep, &P->par, pv,
+                wv, gs * wv, acc);
+            if (P->wkind == 2) acc[1] += wv * (double)seg;
+            else if (P->wkind == 0) acc[1] += (double)seg;
+        } else if (P->bx) {
+            int64_t s[FL_NOPERANDS];
+            for (int k = 0; k < FL_NOPERANDS; k++) s[k] = P->strides[k][last];
+            switch (J->dtype) {
+            case FL_F16: bxgen_f16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, gs, acc); break;
+            case FL_BF16: bxgen_bf16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, gs, acc); break;
+            case FL_F32: bxgen_f32(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, gs, acc); break;
+            default: bxgen_f64(J->op, seg, xs, ts, ws, pws, gp, (double *)ep, s, &P->par, gs, acc); break;
+            }
+        } else if (fn) {
             if (P->wkind == 2) {             /* weight constant along this segment */
                 double wv;
                 switch (J->dtype) {
@@ -490,8 +736,15 @@ static int pw_run(const fl_pointwise_job *J, int nthreads)
 #pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
 #endif
     for (int64_t it = 0; it < items; it++) {
-        double acc[2] = {0.0, 0.0};
+        double acc[3] = {0.0, 0.0, 0.0};
         pw_run_item(&P, it / nblk, it % nblk, acc);
+        if (acc[2] != 0.0 && J->n_bad) {
+            int64_t nb = (int64_t)acc[2];
+#ifdef _OPENMP
+#pragma omp atomic
+#endif
+            *J->n_bad += nb;
+        }
         if (reduce) {
             scratch[2 * it] = acc[0];
             scratch[2 * it + 1] = acc[1];
