@@ -10,7 +10,9 @@ installed) in the same group, so pytest-benchmark's table compares them.
 
 Each test module holds one family (``FAMILY``): test_bench_regression.py the regression
 losses, test_bench_cross_entropy.py cross-entropy (forward, and with-grad into a new
-array, a preallocated ``grad_out`` and in place).
+array, a preallocated ``grad_out`` and in place), test_bench_elementwise.py and
+test_bench_rows.py the other losses (issue 6; inputs and competitors in
+``fastloss._bench_field``).
 
 Options (each also an environment variable): ``--fastloss-sizes`` /
 FASTLOSS_BENCH_SIZES (regression), ``--fastloss-shapes`` / FASTLOSS_BENCH_SHAPES
@@ -104,6 +106,7 @@ def bench_cases(config, family):
     dtypes, modes = _setting(config, "dtypes"), _setting(config, "modes")
     isa, losses = _setting(config, "isa"), _setting(config, "losses")
     try:
+        sizes_given = bool(sizes)
         sizes = tuple(bench.parse_size(v) for v in _split(sizes)) if sizes else bench.PYTEST_SIZES
         shapes = tuple(bench.parse_shape(v) for v in _split(shapes)) if shapes else None
         dtypes = tuple(_split(dtypes)) if dtypes else None
@@ -125,7 +128,7 @@ def bench_cases(config, family):
         return []
     try:
         return bench.cases(names, sizes, _threads(config), modes, isas=isas, shapes=shapes, dtypes=dtypes,
-                           preset="pytest")
+                           preset="pytest", sizes_given=sizes_given)
     except ValueError as exc:
         if modes and str(exc).startswith("no cases"):  # e.g. with_grad_out only: no regression case
             return []

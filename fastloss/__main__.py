@@ -42,7 +42,12 @@ def _build_parser() -> argparse.ArgumentParser:
                     "1x262144, float32 and float16, forward and with-grad into a new array (NumPy in float16 only\n"
                     "at 1x262144).  --loss cross_entropy (or the family, classification) times the whole\n"
                     "cross-entropy set: shapes 8192x32000, 2048x128256, 256x262144, 1x262144, 32768x1024, every\n"
-                    "mode (about 3 minutes); --full times everything.",
+                    "mode (about 3 minutes); --full times everything.\n\n"
+                    "The other losses: family elementwise (binary_cross_entropy[_with_logits], sigmoid_focal_loss,\n"
+                    "hinge_loss, kl_div at 1e6 and 1e7 elements; dpo_loss at B = 64 and 4096) and family rows\n"
+                    "(multi_margin_loss and kl_div_logits at 512x32000, sequence_log_probs at (8, 256, 32000),\n"
+                    "triplet_margin_loss at 4096x512, info_nce_loss at 4096x256; --loss NAME or --full: the\n"
+                    "sizes of issue 6, e.g. 2048x32000 and 512x128256), float32, forward and with-grad.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--quick", action="store_true",
                    help="only sizes 1e6 and 1e7 (cross-entropy: 1x262144 and 32768x1024), fewer repeats")
@@ -50,15 +55,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="every loss, the whole cross-entropy set (shapes, modes; NumPy at every float32 shape) "
                         "and float32 and float16 for both families: several minutes")
     b.add_argument("--loss", action="append", metavar="NAME",
-                   help="a loss to time, or a family: regression, classification (repeatable or "
-                        "comma-separated; default: all; cross_entropy selects its whole set)")
+                   help="a loss to time, or a family: regression, classification, elementwise, rows (repeatable "
+                        "or comma-separated; default: all; cross_entropy or a row loss selects its whole set)")
     b.add_argument("--threads", metavar="LIST", default=None,
                    help="comma-separated thread counts (default: 1 and all, i.e. fastloss's default thread "
                         "count: the cores, or OMP_NUM_THREADS)")
     b.add_argument("--sizes", metavar="LIST", default=None,
-                   help="regression: comma-separated element counts, e.g. 1e6,1e7 (default: 1e6,1e7,1e8)")
+                   help="regression (and, when given, the elementwise losses): comma-separated element counts, "
+                        "e.g. 1e6,1e7 (default: 1e6,1e7,1e8)")
     b.add_argument("--shapes", metavar="LIST", default=None,
-                   help="cross-entropy: comma-separated ROWSxCLASSES, e.g. 8192x32000,1x262144")
+                   help="cross-entropy (and, when given, the row losses): comma-separated ROWSxCLASSES, "
+                        "e.g. 8192x32000,1x262144")
     b.add_argument("--dtype", "--dtypes", dest="dtypes", metavar="LIST", default=None,
                    help="comma-separated dtypes among float32, float16, float64, for both families (default: "
                         "float32 for the regression losses, float32,float16 for cross-entropy)")
@@ -123,7 +130,7 @@ def _bench_options(args):
         preset = "smoke"
     elif args.quick:
         preset = "quick"
-    elif args.full or (losses is not None and any(bench.BENCH_LOSSES[n].family == "classification"
+    elif args.full or (losses is not None and any(bench.BENCH_LOSSES[n].family in ("classification", "rows")
                                                    for n in losses)):
         preset = "full"
     else:
@@ -174,7 +181,8 @@ def _bench_options(args):
     opts = bench.Options(losses=losses, sizes=sizes, threads=threads, isas=isas, quick=args.quick,
                          repeat=args.repeat, json_path=args.json, torch=not args.no_torch, preset=preset,
                          shapes=shapes, dtypes=dtypes, modes=modes, markdown_path=args.markdown,
-                         plot_path=args.plot, compare=compare, smoke=args.smoke)
+                         plot_path=args.plot, compare=compare, smoke=args.smoke,
+                         sizes_given=args.sizes is not None)
     try:
         opts.cases()  # every remaining check (dtypes, modes that apply to no selected loss), before any work
     except ValueError as exc:

@@ -21,7 +21,10 @@ from fastloss.bench import MODE_LABELS, SUBPROCESS_MMAP_THRESHOLD, format_ms, fo
 REGRESSION_THRESHOLD = 0.10
 #: The file types --plot writes (by the extension of its path).
 PLOT_FORMATS = (".png", ".svg")
-FAMILY_TITLES = {"regression": "regression", "classification": "cross-entropy"}
+FAMILY_TITLES = {"regression": "regression", "classification": "cross-entropy", "elementwise": "elementwise",
+                 "rows": "row losses"}
+#: Families whose records are sized by an element count (the others by a shape).
+SIZE_FAMILIES = ("regression", "elementwise")
 
 
 # ---- header ----------------------------------------------------------------------------------------
@@ -55,6 +58,9 @@ def header_items(report: dict) -> tuple[str, list[tuple[str, str]]]:
         items.append(("cases" if not opts["sizes"] else "",
                       f"cross_entropy {_join('x'.join(map(str, s)) for s in opts['shapes'])}; {_join(opts['dtypes'])}; "
                       f"{_join(MODE_LABELS[m] for m in ce_modes)}  ({run_kind})"))
+    if opts.get("other_losses"):
+        items.append(("cases" if not (opts["sizes"] or opts["shapes"]) else "",
+                      f"{_join(opts['other_losses'])} (issue 6; sizes per loss, see --help)"))
     if env.get("load_average"):
         items.append(("load", f"{env['load_average'][0]:.2f} (1-minute load average at start; {env['cores']} cores)"))
     return f"fastloss {env['fastloss']} benchmark   {env['date']}", items
@@ -99,9 +105,10 @@ def _disagrees(r: dict) -> bool:
 def _family_table(recs: list[dict], family: str, first_isa: str, has_torch: bool):
     """(head, rows, left) of one family: rows are lists of cells, None between groups."""
     multi_isa = len({r["isa"] for r in recs}) > 1
-    show_dtype = family != "regression" or len({r["dtype"] for r in recs}) > 1
-    show_loss = family == "regression" or len({r["loss"] for r in recs}) > 1
-    size_head = "n" if family == "regression" else "shape"
+    sized = family in SIZE_FAMILIES
+    show_dtype = family == "classification" or len({r["dtype"] for r in recs}) > 1
+    show_loss = family != "classification" or len({r["loss"] for r in recs}) > 1
+    size_head = "n" if sized else "shape"
     torch_cols = lambda *cols: list(cols) if has_torch else []  # noqa: E731
     head = (["loss"] if show_loss else []) + [size_head] + (["dtype"] if show_dtype else []) + ["mode", "thr"] \
         + (["isa"] if multi_isa else []) + ["fastloss", "NumPy"] + torch_cols("torch") + ["NumPy/fl"] \
@@ -200,6 +207,24 @@ def _ce_notes(recs: list[dict], report: dict, has_torch: bool) -> list[str]:
     return notes
 
 
+def _field_notes(has_torch: bool) -> list[str]:
+    notes = ["elementwise and row losses (issue 6): reduction='mean' (kl_div: 'sum'; kl_div_logits: 'batchmean', "
+             "temperature 2; info_nce_loss: temperature 0.07), float32; with-grad = <loss>_with_grad, the gradient "
+             "with respect to the first input (the others a call returns are computed too).  sequence_log_probs: "
+             "the rows are 8 sequences, (8, rows/8, V); its 'loss' is the sum of the 8 log-probabilities, and "
+             "with-grad the gradient of that sum.  GB/s counts the arrays read (kl_div_logits: both logits; "
+             "triplet: 3 rows) plus the gradient written."]
+    if has_torch:
+        notes.append("torch = torch.nn.functional.<loss> where torch has it (binary_cross_entropy[_with_logits], "
+                     "kl_div, multi_margin_loss, triplet_margin_loss); otherwise the usual torch code: "
+                     "torchvision's sigmoid_focal_loss formula, clamp(1 - y s, min=0).mean() for hinge, TRL's "
+                     "sigmoid DPO loss, kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, "
+                     "reduction='batchmean') T^2, log_softmax + gather + masked sum (TRL's get_batch_logps) for "
+                     "sequence log-probs, cross_entropy(q @ k.T / tau, arange(N)) for InfoNCE; with-grad: + "
+                     "torch.autograd.grad with respect to the first input.")
+    return notes
+
+
 def _memory_note(recs: list[dict], report: dict, has_torch: bool) -> str:
     threads = sorted({r["memory_threads"] for r in recs if r.get("memory_threads")})
     th = _join(threads) or "?"
@@ -221,7 +246,7 @@ def _memory_note(recs: list[dict], report: dict, has_torch: bool) -> str:
 
 def _error_note(recs: list[dict]) -> str:
     prefix = list(dict.fromkeys(f"{record_label(r)} ({_elements_text(r['error_elements'])} elements)"
-                                if r["family"] == "regression"
+                                if r["family"] in SIZE_FAMILIES
                                 else f"{record_label(r)} ({r['error_elements'] // r['shape'][1]} rows)"
                                 for r in recs if r.get("error_elements") and r["error_elements"] < r["n"]))
     text = ("err:* = max relative error against fastloss.reference in float64 on the same input (the warm-up call): "
@@ -250,7 +275,9 @@ def blocks(report: dict) -> list[tuple]:
     first_isa = report["options"]["isas"][0]
     fams = {f: [r for r in recs if r.get("family", "regression") == f] for f in FAMILY_TITLES}
     titles = {"regression": "regression (n = elements of the input and of the target)",
-              "classification": "cross-entropy (shape = rows x classes)"}
+              "classification": "cross-entropy (shape = rows x classes)",
+              "elementwise": "elementwise losses (n = elements of the input; dpo_loss: the batch B)",
+              "rows": "row losses (shape = rows x classes, or rows x features for triplet and InfoNCE)"}
     if recs:
         out.append(("para", "times: median milliseconds; ratios > 1x: fastloss is faster; mem:* = peak extra memory / "
                             "input bytes; err:* = max relative error against float64 (notes below)"))
@@ -272,6 +299,8 @@ def blocks(report: dict) -> list[tuple]:
             out += [("note", n) for n in _regression_notes(fams["regression"], has_torch)]
         if fams["classification"]:
             out += [("note", n) for n in _ce_notes(fams["classification"], report, has_torch)]
+        if fams["elementwise"] or fams["rows"]:
+            out += [("note", n) for n in _field_notes(has_torch)]
         out.append(("note", _memory_note(recs, report, has_torch)))
         out.append(("note", _error_note(recs)))
         if len({r["isa"] for r in recs}) > 1:
@@ -472,7 +501,7 @@ def write_plot(report: dict, path: str) -> None:
         top = max(r["threads"] for r in frecs)
         frecs = [r for r in frecs if r["threads"] == top]
         # a colour per loss (cross-entropy: per dtype, and loss if several), a line style per mode
-        hue = (lambda r: r["loss"]) if fam == "regression" else (lambda r: (r["loss"], r["dtype"]))
+        hue = (lambda r: r["loss"]) if fam != "classification" else (lambda r: (r["loss"], r["dtype"]))
         hues = list(dict.fromkeys(hue(r) for r in frecs))
         many_losses = len({r["loss"] for r in frecs}) > 1
         for j, (key, name) in enumerate(competitors):
@@ -480,8 +509,8 @@ def write_plot(report: dict, path: str) -> None:
             lines = {}
             for r in frecs:
                 if r[key]:
-                    label = (r["loss"] + " " if fam == "regression" or many_losses else "") \
-                        + (r["dtype"] + " " if fam != "regression" else "") + MODE_LABELS[r["mode"]]
+                    label = (r["loss"] + " " if fam != "classification" or many_losses else "") \
+                        + (r["dtype"] + " " if fam == "classification" else "") + MODE_LABELS[r["mode"]]
                     lines.setdefault((label, hue(r), r["mode"]), []).append((r["n"], r[key]))
             for (label, h, mode), pts in lines.items():
                 pts.sort()

@@ -85,6 +85,7 @@ import numpy as np
 
 import fastloss
 from fastloss import _core, reference
+from fastloss._bench_field import FIELD_LOSSES
 from fastloss._registry import REGISTRY
 
 MODES = ("forward", "with_grad")
@@ -202,7 +203,7 @@ class BenchLoss:
     """How the benchmark runs one loss."""
 
     name: str
-    family: str               # "regression" or "classification"
+    family: str               # "regression", "classification", "elementwise" or "rows" (SIZE_FAMILIES: sized by n)
     func: Callable            # fastloss forward: func(x, t, num_threads=)
     with_grad: Callable       # (loss, grad) = with_grad(x, t, num_threads=[, grad_out=])
     reference: Callable       # NumPy: reference(x, t, dtype=None)
@@ -210,6 +211,8 @@ class BenchLoss:
     make_inputs: Callable     # (rng, shape, dtype) -> {"input": x, "target": t}
     modes: tuple              # the modes the loss is timed in
     arrays_read: int          # arrays of the input's size the forward reads (GB/s)
+    torch_loss: Callable | None = None   # (x tensor, t tensor) -> scalar; None: torch.nn.functional.<name>
+    presets: dict | None = None          # preset -> sizes (elementwise) or shapes (rows); None: the family's
 
 
 def _bench_losses() -> dict[str, BenchLoss]:
@@ -221,13 +224,19 @@ def _bench_losses() -> dict[str, BenchLoss]:
     out[CE_LOSS] = BenchLoss(CE_LOSS, "classification", fastloss.cross_entropy, fastloss.cross_entropy_with_grad,
                              reference.cross_entropy, reference.cross_entropy_grad, cross_entropy_inputs,
                              CE_MODES, 1)
+    # The losses of issue 6: their adapters, inputs and sizes are in fastloss._bench_field.
+    for name, (family, fl, gen, presets, arrays) in FIELD_LOSSES.items():
+        out[name] = BenchLoss(name, family, fl.fwd, fl.grad, fl.ref, fl.ref_grad, gen, MODES, arrays,
+                              fl.torch_loss, presets)
     return out
 
 
 BENCH_LOSSES: dict[str, BenchLoss] = _bench_losses()
 #: --loss aliases.
-FAMILIES = {"regression": tuple(n for n, s in BENCH_LOSSES.items() if s.family == "regression"),
-            "classification": tuple(n for n, s in BENCH_LOSSES.items() if s.family == "classification")}
+FAMILIES = {f: tuple(n for n, s in BENCH_LOSSES.items() if s.family == f)
+            for f in ("regression", "classification", "elementwise", "rows")}
+#: Families whose cases are sized by an element count (the others by a shape, rows x classes).
+SIZE_FAMILIES = ("regression", "elementwise")
 
 
 def default_threads() -> tuple:
@@ -245,7 +254,8 @@ def known_losses() -> list[str]:
 
 
 def resolve_losses(names) -> list[str]:
-    """Loss names and family aliases ("regression", "classification") -> loss names, in order."""
+    """Loss names and family aliases ("regression", "classification", "elementwise", "rows") -> loss
+    names, in order."""
     out = []
     for name in names:
         name = name.strip()
@@ -316,7 +326,7 @@ class Case:
 
 
 def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None, dtype=None,
-          isas=None, shapes=None, dtypes=None, preset="default") -> list[Case]:
+          isas=None, shapes=None, dtypes=None, preset="default", sizes_given=False) -> list[Case]:
     """The benchmark cases, in run order: the regression losses by dtype, size, loss, mode,
     threads, ISA; then cross-entropy by shape, dtype, mode, threads, ISA.
 
@@ -326,12 +336,15 @@ def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None,
     --full: float32 and float16).  Cross-entropy: ``shapes`` (rows, classes) in ``dtypes``
     (default: those of ``CE_PRESETS[preset]``).  ``modes``: applied to each family (a family
     takes the modes it has; default: the regression MODES, and the preset's modes for
-    cross-entropy).
+    cross-entropy).  The other losses (families "elementwise" and "rows", :mod:`fastloss._bench_field`)
+    run in float32 (or ``dtypes``) at their own per-preset sizes or shapes, replaced by ``sizes``
+    when ``sizes_given`` and by ``shapes`` when given.
     """
     names = known_losses() if losses is None else resolve_losses(losses)
     pre = CE_PRESETS[preset]
     if modes is not None:
         modes = [normalize_mode(m) for m in modes]
+    shapes_given = shapes is not None
     shapes = pre.shapes if shapes is None else tuple(tuple(int(v) for v in s) for s in shapes)
     given = None if dtypes is None else tuple(np.dtype(d).name for d in dtypes)
     for d in given or ():
@@ -354,6 +367,15 @@ def cases(losses=None, sizes=DEFAULT_SIZES, threads=DEFAULT_THREADS, modes=None,
         out += [Case(loss, s[0] * s[1], d, mode, th, isa, s)
                 for s in shapes for d in (given or pre.dtypes) for mode in ce_modes for th in threads
                 for isa in isas]
+    for loss in (n for n in names if BENCH_LOSSES[n].family == "elementwise"):
+        own = sizes if sizes_given else BENCH_LOSSES[loss].presets[preset]
+        out += [Case(loss, int(n), dt, mode, th, isa)
+                for dt in reg_dtypes for n in own for mode in reg_modes for th in threads for isa in isas]
+    for loss in (n for n in names if BENCH_LOSSES[n].family == "rows"):
+        own = shapes if shapes_given else BENCH_LOSSES[loss].presets[preset]
+        out += [Case(loss, s[0] * s[1], d, mode, th, isa, s)
+                for s in own for d in (given or (DEFAULT_DTYPE,)) for mode in reg_modes for th in threads
+                for isa in isas]
     if not out:
         raise ValueError(f"no cases: none of the modes {', '.join(modes or ())} applies to the losses "
                          f"{', '.join(names)}")
@@ -364,7 +386,7 @@ def numpy_timed(case: Case, numpy_max: dict | None = None) -> bool:
     """Whether the NumPy reference is timed in `case`'s group: cross-entropy up to
     ``numpy_max[dtype]`` elements (None: always), regression up to
     ``REGRESSION_NUMPY_MAX[dtype]``."""
-    if case.family == "regression":
+    if case.family in SIZE_FAMILIES:
         numpy_max = REGRESSION_NUMPY_MAX
     if numpy_max is None:
         return True
@@ -521,7 +543,7 @@ def torch_fn(case: Case, x, t) -> Callable[[], object]:
     with-grad mode is the forward + ``torch.autograd.grad`` into a fresh gradient (torch
     has no ``out=`` for a gradient)."""
     import torch
-    f = _torch_loss(case.loss)
+    f = BENCH_LOSSES[case.loss].torch_loss or _torch_loss(case.loss)
     xt, tt = torch.from_numpy(x), torch.from_numpy(t)
     if case.mode == "forward":
         return lambda: f(xt, tt)
@@ -1043,10 +1065,11 @@ class Options:
     plot_path: str | None = None
     compare: tuple | None = None   # (path, the report read from it): --compare
     smoke: bool = False            # tiny cases, 2 calls each, a small read-bandwidth probe (the tests)
+    sizes_given: bool = False      # --sizes given: it also replaces the elementwise losses' own sizes
 
     def cases(self) -> list[Case]:
         return cases(self.losses, self.sizes, self.threads, self.modes, None, self.isas, self.shapes,
-                     self.dtypes, self.preset)
+                     self.dtypes, self.preset, self.sizes_given)
 
 
 def _isatty(stream) -> bool:
@@ -1161,6 +1184,7 @@ def _case_line(r: dict, multi_isa: bool) -> str:
 def _report_options(opts: Options, all_cases: list[Case], isas: list, use_torch: bool) -> dict:
     reg = [c for c in all_cases if c.family == "regression"]
     ce = [c for c in all_cases if c.family == "classification"]
+    field = [c for c in all_cases if c.family in ("elementwise", "rows")]
     return {"sizes": list(dict.fromkeys(c.n for c in reg)),
             "regression_dtypes": list(dict.fromkeys(c.dtype for c in reg)),
             "threads": list(opts.threads), "isas": isas,
@@ -1171,6 +1195,7 @@ def _report_options(opts: Options, all_cases: list[Case], isas: list, use_torch:
             "dtypes": list(dict.fromkeys(c.dtype for c in ce)),
             "modes": list(dict.fromkeys(c.mode for c in all_cases)),
             "ce_modes": list(dict.fromkeys(c.mode for c in ce)),
+            "other_losses": list(dict.fromkeys(c.loss for c in field)),
             "numpy_max_elements": CE_PRESETS[opts.preset].numpy_max,
             "regression_numpy_max_elements": REGRESSION_NUMPY_MAX,
             "total_cases": len(all_cases)}
@@ -1191,7 +1216,7 @@ def run(opts: Options, out=None, err=None) -> dict:
     wall0 = time.perf_counter()
     isas = opts.isas or [_core.get_isa()]
     all_cases = cases(opts.losses, opts.sizes, opts.threads, opts.modes, None, isas, opts.shapes,
-                      opts.dtypes, opts.preset)
+                      opts.dtypes, opts.preset, opts.sizes_given)
     numpy_max = CE_PRESETS[opts.preset].numpy_max
     use_torch = opts.torch and torch_available()
     env = environment(opts.threads, isas)
