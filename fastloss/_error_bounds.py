@@ -266,3 +266,30 @@ def logsumexp_tolerance(spec, dtype_name, args, kw) -> Tolerance:
     with np.errstate(invalid="ignore", over="ignore"):
         atol = _clean(c["loss"] + 4 * c["u"] * np.abs(lse[..., 0]))
     return Tolerance(loss_rtol=F32_ULP if dtype_name != "float64" else 1e-15, loss_atol=atol)
+
+
+# ---- the other losses of the field (issue 6) ---------------------------------------------------
+
+#: Normwise bounds of the losses of issue 6 (elementwise, margin, distillation, sequence), by the
+#: dtype of the first operand.  Those computed in float32 (float16/bfloat16/float32 inputs; exp,
+#: log and log1p of our own within a few ulp, sums in double) get a relative "compute" error of
+#: the value; float64 inputs are computed in double.  Gradients: "compute" relative to the largest
+#: |gradient| of the call (normwise: elementwise relative errors of gradients that cancel to ~0
+#: mean nothing), plus one rounding into the input's dtype.  Per-loss modules test tighter
+#: elementwise bounds where the loss has a model (tests/test_elementwise_losses.py, ...).
+FIELD_TOLERANCES = {
+    "float64": {"compute": 1e-10, "round": 2.0 ** -53},
+    "float32": {"compute": 2e-5, "round": 2.0 ** -24},
+    "float16": {"compute": 2e-5, "round": 2.0 ** -11},
+    "bfloat16": {"compute": 2e-5, "round": 2.0 ** -8},
+}
+
+
+def field_tolerance(spec, dtype_name, args, kw, expected_grads=()) -> Tolerance:
+    """|value - expected| <= compute |expected| + compute max|expected| (the value of a
+    reduction="none" call is an array); each gradient within (compute + round) |expected| +
+    compute max |expected| of that gradient (the max is taken by the caller: grad_atol is a
+    factor here, multiplied by max |expected gradient| in tests/test_field_losses.py)."""
+    t = FIELD_TOLERANCES[dtype_name]
+    return Tolerance(loss_rtol=t["compute"], loss_atol=t["compute"],
+                     grad_rtol=t["compute"] + t["round"], grad_atol=t["compute"])

@@ -24,10 +24,13 @@ import numpy as np
 import pytest
 
 import fastloss
-from fastloss._registry import FUNCTIONS, OPTION_KINDS, REGISTRY, public_calls
+from fastloss._registry import FIELD_FAMILIES, FUNCTIONS, OPTION_KINDS, REGISTRY, public_calls
 from fl_testing import assert_close, assert_identical
 
-CALLS = {c.name: c for c in public_calls()}
+#: Every public function; the table below covers the families whose operands it models (the
+#: losses of issue 6, FIELD_FAMILIES, have tests/test_field_losses.py and their own modules).
+ALL_CALLS = {c.name: c for c in public_calls()}
+CALLS = {n: c for n, c in ALL_CALLS.items() if c.spec.family not in FIELD_FAMILIES}
 #: The first operand's shape (classes on the last axis) for each family.
 BASE_SHAPE = {"regression": (2, 3), "classification": (4, 5), "softmax": (4, 5)}
 
@@ -798,8 +801,9 @@ NOT_KERNELS = {"show_config", "config", "set_num_threads", "get_num_threads", "m
 def test_every_public_function_is_in_the_table():
     public = {n for n in fastloss.__all__ if callable(getattr(fastloss, n)) and n not in NOT_KERNELS
               and not isinstance(getattr(fastloss, n), type(fastloss))}
-    assert public == set(CALLS), f"not in the registry: {public - set(CALLS)}; stale: {set(CALLS) - public}"
-    for name, call in CALLS.items():
+    assert public == set(ALL_CALLS), (f"not in the registry: {public - set(ALL_CALLS)}; "
+                                      f"stale: {set(ALL_CALLS) - public}")
+    for name, call in ALL_CALLS.items():
         assert getattr(fastloss, name) is call.func
 
 

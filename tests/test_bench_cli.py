@@ -20,9 +20,14 @@ from fl_testing import fastloss_import_root, python_env, run_python
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
-SMOKE_LOSSES = ("mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "rmse", "cross_entropy")
-#: cases per thread count: 5 regression losses x 2 sizes x 2 modes + 2 shapes x 2 dtypes x 2 modes
-SMOKE_CASES_PER_THREAD_COUNT = 5 * 2 * 2 + 2 * 2 * 2
+ELEMENTWISE_LOSSES = ("binary_cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss", "hinge_loss",
+                      "kl_div")
+ROW_LOSSES = ("multi_margin_loss", "kl_div_logits", "sequence_log_probs", "triplet_margin_loss", "info_nce_loss")
+SMOKE_LOSSES = ("mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "rmse", "cross_entropy") + ELEMENTWISE_LOSSES \
+    + ("dpo_loss",) + ROW_LOSSES
+#: cases per thread count: 5 regression losses x 2 sizes x 2 modes + 2 shapes x 2 dtypes x 2 modes, and the losses of
+#: issue 6: 5 elementwise x 2 sizes x 2 modes + dpo_loss at 1 size x 2 modes + 5 row losses x 1 shape x 2 modes
+SMOKE_CASES_PER_THREAD_COUNT = 5 * 2 * 2 + 2 * 2 * 2 + 5 * 2 * 2 + 2 + 5 * 2
 #: one small, fast run for the --compare checks: 2 cases
 SMALL = ["--smoke", "--no-torch", "--loss", "mse_loss", "--sizes", "1e3", "--threads", "1"]
 
@@ -52,16 +57,18 @@ def test_smoke_run_prints_header_and_tables(smoke, report):
     out = r.stdout
     for word in ("fastloss", "cpu", "isa", "threads", "versions", "read bandwidth"):
         assert re.search(rf"^{word}\b", out, re.MULTILINE), f"no {word!r} line in:\n{out}"
-    for head in ("regression (n = ", "cross-entropy (shape = "):
+    for head in ("regression (n = ", "cross-entropy (shape = ", "elementwise losses (n = ", "row losses (shape = "):
         assert head in out
     for col in ("fastloss", "NumPy", "NumPy/fl", "GB/s", "%read", "mem:fl", "mem:NumPy", "err:fl", "err:NumPy"):
         assert re.search(rf"(^|\s){re.escape(col)}(\s|$)", out), f"no column {col!r}"
-    for loss in SMOKE_LOSSES[:-1]:
+    for loss in SMOKE_LOSSES[:5] + ELEMENTWISE_LOSSES:
         assert re.search(rf"^{loss}\s+1e3\s+forward\s+1\s", out, re.MULTILINE), f"no {loss} row"
+    for loss in ROW_LOSSES:
+        assert re.search(rf"^{loss}\s+\d+x\d+\s+forward\s+1\s", out, re.MULTILINE), f"no {loss} row"
     assert re.search(r"^4x1000\s+float16\s+with-grad\s+1\s", out, re.MULTILINE)
     # one table row per case
     rows = [line for line in out.splitlines()
-            if re.match(r"^(\w+\s+1e[34]|\d+x\d+\s+float)", line)]
+            if re.match(r"^(\w+\s+(1e[34]|64|\d+x\d+)\s|\d+x\d+\s+float)", line)]
     assert len(rows) == len(report["cases"])
     assert "tracemalloc" in out and ("peak RSS" in out or not HAVE_TORCH)  # how memory was measured is said
 
@@ -90,8 +97,8 @@ def test_json_report(report):
         assert report["read_bandwidth"][str(th)]["gbps"] > 0
     for r in report["cases"]:
         what = f"{r['loss']} {r['n']} {r['dtype']} {r['mode']} {r['threads']}t"
-        assert r["family"] in ("regression", "classification")
-        assert (r["family"] == "classification") == ("shape" in r), what
+        assert r["family"] in ("regression", "classification", "elementwise", "rows")
+        assert (r["family"] in ("classification", "rows")) == ("shape" in r), what
         assert r["fastloss"]["median_s"] > 0 and r["fastloss"]["count"] >= 1, what
         assert r["fastloss"]["q1_s"] <= r["fastloss"]["median_s"] <= r["fastloss"]["q3_s"], what
         assert r["numpy"] is not None and r["speedup_numpy"] > 0, what
@@ -103,6 +110,8 @@ def test_json_report(report):
         assert r["error_elements"] == r["n"], what  # tiny inputs: the error is on the whole input
         # the error columns are a correctness check: float32 rounds at ~6e-8, float16 at ~5e-4
         bound = 1e-6 if r["dtype"] == "float32" else 2e-3
+        if r["family"] in ("elementwise", "rows"):   # the normwise bound of _error_bounds.field_tolerance
+            bound = 2e-5
         assert 0 <= err["fastloss"] < bound, (what, err)
         assert 0 <= err["numpy"] < bound, (what, err)
         if r["torch"] is not None:
@@ -127,8 +136,9 @@ def test_markdown_report(smoke, report):
     for key in ("cpu", "isa", "threads", "versions", "cases"):
         assert f"- **{key}**: " in text
     assert "### regression" in text and "### cross-entropy" in text
+    assert "### elementwise losses" in text and "### row losses" in text
     tables = _markdown_tables(text)
-    assert len(tables) == 2
+    assert len(tables) == 4
     cells = lambda line: re.split(r"(?<!\\)\|", line)[1:-1]  # noqa: E731 (pipes in cells are escaped)
     for table in tables:
         assert all(line.endswith("|") for line in table)
@@ -275,7 +285,7 @@ def test_dtype_is_an_alias_of_dtypes_and_applies_to_both_families():
     opts = _bench_options(_build_parser().parse_args(["bench", "--smoke", "--dtype", "float16"]))
     assert opts.dtypes == ("float16",)
     assert {c.dtype for c in opts.cases()} == {"float16"}
-    assert {c.family for c in opts.cases()} == {"regression", "classification"}
+    assert {c.family for c in opts.cases()} == {"regression", "classification", "elementwise", "rows"}
 
 
 class _FakeTerminal(io.StringIO):
