@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 import fastloss
-from fastloss._registry import by_family
+from fastloss._registry import by_family, field_specs
 from fl_testing import computing_functions, loss_kwargs
 
 CALLS = 2_000
@@ -183,12 +183,59 @@ def _classification(c: Cases, rng):
     c.bad(ppl, "int logits", lambda: ppl(x_int, t))
 
 
+def _field(c: Cases, rng):
+    """The losses of issue 6, from the registry: calls that succeed (default options, "none",
+    float16, the last variant, grad_out where there is one) and calls that raise (a missing or
+    complex first operand, an unknown reduction, num_threads=0)."""
+    for spec in field_specs().values():
+        shape = spec.test_shapes[0]
+        ins32 = c.keep(spec.make_inputs(rng, shape, np.dtype(np.float32)))
+        ins16 = c.keep(spec.make_inputs(rng, shape, np.dtype(np.float16)))
+        first = spec.operands[0].name
+        req = [o.name for o in spec.operands if o.required]
+        opt = [o.name for o in spec.operands if not o.required]
+        gonly = [o.name for o in spec.grad_operands]
+
+        def args(ins, grad, bad=None, value=None, req=req, opt=opt, gonly=gonly):   # bound now, not at call time
+            pos = [value if n == bad else ins[n] for n in req] + ([ins[n] for n in gonly] if grad else [])
+            return pos, {n: ins[n] for n in opt if n in ins}
+
+        red = "reduction" in spec.option_kinds
+        variant = c.keep(dict(spec.variants[-1]))
+        for fn, grad in ((spec.func, False), (spec.with_grad, True)):
+            def call(fn=fn, grad=grad, ins=ins32, bad=None, value=None, args=args, **kw):
+                pos, kwo = args(ins, grad, bad, value)
+                return fn(*pos, **kwo, **kw)
+            c.ok(fn, "plain", lambda call=call: call())
+            c.ok(fn, "float16", lambda call=call, ins=ins16: call(ins=ins))
+            c.ok(fn, "variant", lambda call=call, v=variant: call(**v))
+            if red and "none" in spec.reductions:
+                c.ok(fn, "none", lambda call=call: call(reduction="none"))
+            c.bad(fn, "None", lambda call=call, first=first: call(bad=first, value=None))
+            cx = c.keep(ins32[first].astype(np.complex64))
+            c.bad(fn, "complex", lambda call=call, cx=cx, first=first: call(bad=first, value=cx))
+            if red:
+                c.bad(fn, "reduction", lambda call=call: call(reduction="avg"))
+            if "num_threads" in spec.option_kinds:
+                c.bad(fn, "num_threads", lambda call=call: call(num_threads=0))
+        if spec.out:
+            g = spec.with_grad
+            buf, buf64 = c.keep(np.empty_like(ins32[spec.inplace]), np.empty(ins32[spec.inplace].shape))
+
+            def gcall(g=g, args=args, ins=ins32, **kw):
+                pos, kwo = args(ins, True)
+                return g(*pos, **kwo, **kw)
+            c.ok(g, "grad_out", lambda gcall=gcall, b=buf: gcall(grad_out=b))
+            c.bad(g, "grad_out dtype", lambda gcall=gcall, b=buf64: gcall(grad_out=b))
+
+
 @pytest.fixture(scope="module")
 def cases() -> Cases:
     c = Cases()
     rng = np.random.default_rng(7)
     _regression(c, rng)
     _classification(c, rng)
+    _field(c, rng)
     return c
 
 

@@ -27,7 +27,7 @@ import pytest
 
 import fastloss
 from fastloss import _config, _core
-from fastloss._registry import by_family
+from fastloss._registry import by_family, field_specs
 from fl_testing import assert_identical, computing_functions, loss_kwargs, run_python
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -134,10 +134,33 @@ def _classification_cases(rng) -> list[Case]:
     return cases
 
 
+def _field_cases(rng) -> list[Case]:
+    """The losses of issue 6, from the registry: the last variant on inputs 256 times the
+    registry's largest test shape along the first axis (rows and blocks over threads).
+    dpo_loss takes no num_threads (NumPy on (B,) vectors): its calls ignore nt."""
+    cases = []
+    for spec in field_specs().values():
+        shape = (spec.test_shapes[-1][0] * 256,) + tuple(spec.test_shapes[-1][1:])
+        ins = spec.make_inputs(rng, shape, np.dtype(np.float32))
+        for a in ins.values():
+            a.setflags(write=False)
+        pos = [ins[o.name] for o in spec.operands if o.required]
+        kwo = {o.name: ins[o.name] for o in spec.operands if not o.required and o.name in ins}
+        gpos = [ins[o.name] for o in spec.grad_operands]
+        kw = dict(spec.variants[-1])
+        threads = "num_threads" in spec.option_kinds
+        for fn, extra in ((spec.func, []), (spec.with_grad, gpos)):
+            n = fn.__name__
+            cases.append(Case(f"{n}-registry", n,
+                              lambda nt, fn=fn, a=pos + extra, k={**kwo, **kw}, th=threads:
+                              fn(*a, **k, **({"num_threads": nt} if th else {}))))
+    return cases
+
+
 @pytest.fixture(scope="module")
 def cases():
     rng = np.random.default_rng(20240611)
-    return _regression_cases(rng) + _classification_cases(rng)
+    return _regression_cases(rng) + _classification_cases(rng) + _field_cases(rng)
 
 
 @pytest.fixture(scope="module")
