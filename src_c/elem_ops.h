@@ -161,6 +161,16 @@ FL_INLINE EO_FN(eo_res) EO_FN(eo_any)(int op, EO_R x, EO_R t, EO_R pw, EO_R p1, 
     }
 }
 
+/* the same, not inlined: the scalar head and tail of the segment loops call this, so that each
+ * segment function inlines the (long) math once, in its vector loop (compile time, code size) */
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+static EO_FN(eo_res) EO_FN(eo_scalar)(int op, EO_R x, EO_R t, EO_R pw, EO_R p1, EO_R p2)
+{
+    return EO_FN(eo_any)(op, x, t, pw, p1, p2);
+}
+
 #undef EO_FN
 #undef EO_CAT2
 #undef EO_CAT3

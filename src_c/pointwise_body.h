@@ -251,7 +251,19 @@ static const pw_seg_fn pw_seg_table[FL_NDTYPES][PW_NREG][2][PW_NMODES] = {
  * (double for float64) with the vectorizable exp/log of fl_math.h, the per-element function
  * comes from elem_ops.h, and there are two more streams: pos_weight (BCE with logits; a
  * vector, or a constant pwc along the segment, 1 when absent) and the count of elements
- * outside the loss's domain (acc[2]).  Sums are still accumulated in double lanes.       */
+ * outside the loss's domain (acc[2]).  Sums are still accumulated in double lanes.
+ * This section is compiled without FMA contraction (-ffp-contract=off for its functions):
+ * GCC contracts a*b + c differently in the vectorized loop and in the scalar head/tail
+ * (eo_scalar), which made the same element differ by an ulp with the segment layout (e.g. a
+ * broadcast target or strided rows versus a contiguous array).  Without contraction every
+ * element gets the same bits in every loop, and on every ISA (the baseline has no FMA).    */
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
 
 #define EO_R float
 #define EO_S f
@@ -289,27 +301,45 @@ typedef struct {
                                1, or for focal 1 - alpha (1 if alpha < 0), see elem_ops.h */
 } bx_par;
 
+/* Layout-independent sums: the loss of the element at flat position k goes to lane k % PW_LANES
+ * of its item (block), `lanes`, which persists across the item's segments; the lanes are added
+ * pairwise once per item (pw_run_item).  Each lane is thus a sequential sum over the same
+ * elements in the same order however the block is cut into segments (one segment for a
+ * contiguous array, one per row for a view with strided rows), and w*l is formed per element
+ * (a weight constant along the segment is `lscale`): results are bitwise identical across
+ * such layouts, as they are across thread counts.  lane0 = the first element's lane. */
 typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w, const void *pw,
                           void *g, void *e, const bx_par *par, double pwc, double lscale,
-                          double gscale, double *acc);
+                          double gscale, double *lanes, int64_t lane0, double *acc);
 
-#define BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i, L)                                  \
+#define BX_OPID_bce FL_PW_BCE
+#define BX_OPID_bcel FL_PW_BCE_LOGITS
+#define BX_OPID_focal FL_PW_FOCAL
+#define BX_OPID_hinge FL_PW_HINGE
+#define BX_OPID_kl FL_PW_KL
+#define BX_OPID_kllt FL_PW_KL_LOGT
+
+/* SCALAR = 1 (the head and tail of a segment): call eo_scalar (not inlined) instead */
+#define BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i, L, SCALAR)                         \
     {                                                                                            \
-        RT pv = HASPW ? (RT)LDR_##DT(pw[i]) : pwcr;                                                  \
-        eo_res_##RS res = eo_##OP##_##RS((RT)LDR_##DT(x[i]), (RT)LDR_##DT(t[i]), pv, p1, p2);         \
-        RT wi = HASW ? (RT)LDR_##DT(w[i]) : (RT)1;                                                    \
-        RT wl = HASW ? wi * res.l : res.l;                                                        \
+        RT pv = HASPW ? (RT)LDR_##DT(pw[i]) : pwcr;                                                \
+        RT xv = (RT)LDR_##DT(x[i]), tv = (RT)LDR_##DT(t[i]);                                     \
+        eo_res_##RS res = SCALAR ? eo_scalar_##RS(BX_OPID_##OP, xv, tv, pv, p1, p2)               \
+                                 : eo_##OP##_##RS(xv, tv, pv, p1, p2);                           \
+        RT wi = HASW ? (RT)LDR_##DT(w[i]) : lsr;                                                   \
+        RT wl = wi * res.l;                                                                      \
         if (RED) { lane_wl[L] += (double)wl; if (HASW) lane_w[L] += (double)wi; }                \
         lane_bad[L] += res.bad;                                                                  \
-        if (E) e[i] = (OUT)(HASW ? wl : lsr * wl);                                               \
-        if (G) g[i] = ST_##DT(res.g * (HASW ? gsr * wi : gsr));                                  \
+        if (E) e[i] = (OUT)wl;                                                                   \
+        if (G) g[i] = ST_##DT(res.g * (gsr * wi));                                               \
     }
 
-#define BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, MODE, RED, E, G)                              \
+#define BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, MODE, RED, E, G)                             \
     static void bxseg_##DT##_##OP##_##WT##_##MODE(int64_t n, const void *x_, const void *t_,       \
                                                   const void *w_, const void *pw_, void *g_,      \
                                                   void *e_, const bx_par *par, double pwc,        \
-                                                  double lscale, double gscale, double *acc)      \
+                                                  double lscale, double gscale, double *lanes,    \
+                                                  int64_t lane0, double *acc)                     \
     {                                                                                            \
         const T *x = (const T *)x_; /* not restrict: g may be x */                               \
         const T *FL_RESTRICT t = (const T *)t_;                                                  \
@@ -317,16 +347,25 @@ typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w
         const T *FL_RESTRICT pw = (const T *)pw_;                                                \
         T *g = (T *)g_;                                                                          \
         OUT *FL_RESTRICT e = (OUT *)e_;                                                          \
-        const RT p1 = (RT)(sizeof(RT) == 4 ? par->p1f : par->p1);                                   \
-        const RT p2 = (RT)(sizeof(RT) == 4 ? par->p2f : par->p2);                                   \
-        const RT pwcr = (RT)pwc, lsr = (RT)lscale, gsr = (RT)gscale;                                 \
+        const RT p1 = (RT)(sizeof(RT) == 4 ? par->p1f : par->p1);                                \
+        const RT p2 = (RT)(sizeof(RT) == 4 ? par->p2f : par->p2);                                \
+        const RT pwcr = (RT)pwc, lsr = (RT)lscale, gsr = (RT)gscale;                             \
         double lane_wl[PW_LANES], lane_w[PW_LANES];                                              \
-        RT lane_bad[PW_LANES];                                                                    \
+        RT lane_bad[PW_LANES];                                                                   \
         (void)x; (void)t; (void)w; (void)pw; (void)g; (void)e; (void)lsr; (void)gsr; (void)pwcr; \
-        (void)lane_w; (void)lscale;                                                              \
-        for (int j = 0; j < PW_LANES; j++) { lane_wl[j] = lane_w[j] = 0.0; lane_bad[j] = 0; }    \
-        const int64_t nv = n - n % PW_LANES;                                                     \
-        for (int64_t c = 0; c < nv; c += PW_CHUNK) {                                             \
+        (void)lane_w; (void)lanes;                                                               \
+        for (int j = 0; j < PW_LANES; j++) {                                                     \
+            lane_wl[j] = RED ? lanes[j] : 0.0;                                                   \
+            lane_w[j] = 0.0;                                                                     \
+            lane_bad[j] = 0;                                                                     \
+        }                                                                                        \
+        /* head: up to the first element of lane 0; then whole groups of PW_LANES; tail */      \
+        int64_t h = (PW_LANES - lane0) % PW_LANES;                                               \
+        if (h > n) h = n;                                                                        \
+        for (int64_t i = 0; i < h; i++)                                                          \
+            BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i, lane0 + i, 1)                \
+        const int64_t nv = h + (n - h) - (n - h) % PW_LANES;                                     \
+        for (int64_t c = h; c < nv; c += PW_CHUNK) {                                             \
             const int64_t c1 = nv - c < PW_CHUNK ? nv : c + PW_CHUNK;                            \
             for (int64_t k = c; k < c1; k += PW_LINE / (int64_t)sizeof(T)) {                     \
                 FL_PREFETCH(x + k, PW_PF_BYTES);                                                 \
@@ -337,17 +376,16 @@ typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w
             for (int64_t i0 = c; i0 < c1; i0 += PW_LANES) {                                      \
                 _Pragma("omp simd")                                                              \
                 for (int j = 0; j < PW_LANES; j++)                                               \
-                    BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i0 + j, j)               \
+                    BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i0 + j, j, 0)           \
             }                                                                                    \
         }                                                                                        \
         for (int64_t i = nv; i < n; i++)                                                         \
-            BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i, i - nv)                       \
+            BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i, i - nv, 1)                   \
         if (RED) {                                                                               \
-            double s_wl = pw_lanes_sum(lane_wl), s_w = pw_lanes_sum(lane_w);                     \
-            acc[0] += HASW ? s_wl : lscale * s_wl;                                               \
-            if (HASW) acc[1] += s_w;                                                             \
+            for (int j = 0; j < PW_LANES; j++) lanes[j] = lane_wl[j];                            \
+            if (HASW) acc[1] += pw_lanes_sum(lane_w);                                            \
         }                                                                                        \
-        RT nbad = 0;                                                                              \
+        RT nbad = 0;                                                                             \
         for (int j = 0; j < PW_LANES; j++) nbad += lane_bad[j];                                  \
         acc[2] += (double)nbad;                                                                  \
     }
@@ -355,7 +393,6 @@ typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w
 #define BX_SEG_MODES(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT)          \
     BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, R, 1, 0, 0)        \
     BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, E, 0, 1, 0)        \
-    BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, G, 0, 0, 1)        \
     BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, RG, 1, 0, 1)       \
     BX_SEG(DT, T, RT, RS, OUT, OP, HASW, HASPW, WT, EG, 0, 1, 1)
 
@@ -380,8 +417,10 @@ BX_SEG_OPS(f64, double, double, d, double)
 
 #define PW_NBX (FL_NPW - FL_PW_BCE)
 
+/* no G mode (gradient alone: the Python layer never asks for it; such a job takes the generic
+ * loop) */
 #define BX_TAB_MODES(DT, OP, WT)                                                              \
-    { bxseg_##DT##_##OP##_##WT##_R, bxseg_##DT##_##OP##_##WT##_E, bxseg_##DT##_##OP##_##WT##_G, \
+    { bxseg_##DT##_##OP##_##WT##_R, bxseg_##DT##_##OP##_##WT##_E, NULL,                         \
       bxseg_##DT##_##OP##_##WT##_RG, bxseg_##DT##_##OP##_##WT##_EG }
 #define BX_TAB_NONE { NULL, NULL, NULL, NULL, NULL }
 #define BX_TAB_ONLY(DT, OP) { { BX_TAB_MODES(DT, OP, nw_np), BX_TAB_NONE }, { BX_TAB_NONE, BX_TAB_NONE } }
@@ -396,30 +435,30 @@ static const bx_seg_fn bx_seg_table[FL_NDTYPES][PW_NBX][2][2][PW_NMODES] = {
     BX_TAB_OPS(f16), BX_TAB_OPS(bf16), BX_TAB_OPS(f32), BX_TAB_OPS(f64)
 };
 
-/* generic strides (scalar): s[k] = innermost byte stride of operand k */
-#define BX_GENERIC(DT, T, RT, RS, OUT)                                                            \
+/* generic strides (scalar): s[k] = innermost byte stride of operand k; same lanes as above */
+#define BX_GENERIC(DT, T, RT, RS, OUT)                                                           \
     static void bxgen_##DT(int op, int64_t n, const char *x, const char *t, const char *w,       \
                            const char *pw, char *g, OUT *e, const int64_t *s, const bx_par *par, \
-                           double gscale, double *acc)                                           \
+                           double lscale, double gscale, double *lanes, int64_t lane0,           \
+                           double *acc)                                                          \
     {                                                                                            \
-        const RT p1 = (RT)(sizeof(RT) == 4 ? par->p1f : par->p1);                                   \
-        const RT p2 = (RT)(sizeof(RT) == 4 ? par->p2f : par->p2);                                   \
-        const RT gsr = (RT)gscale;                                                                 \
-        double s_wl = 0.0, s_w = 0.0, nbad = 0.0;                                                \
+        const RT p1 = (RT)(sizeof(RT) == 4 ? par->p1f : par->p1);                                \
+        const RT p2 = (RT)(sizeof(RT) == 4 ? par->p2f : par->p2);                                \
+        const RT gsr = (RT)gscale, lsr = (RT)lscale;                                             \
+        double s_w = 0.0, nbad = 0.0;                                                            \
         for (int64_t i = 0; i < n; i++) {                                                        \
-            RT xv = (RT)LDR_##DT(*(const T *)(x + i * s[FL_OP_INPUT]));                            \
-            RT tv = (RT)LDR_##DT(*(const T *)(t + i * s[FL_OP_TARGET]));                           \
-            RT pv = pw ? (RT)LDR_##DT(*(const T *)(pw + i * s[FL_OP_POSW])) : (RT)par->pwc;                \
-            RT wi = w ? (RT)LDR_##DT(*(const T *)(w + i * s[FL_OP_WEIGHT])) : (RT)1;                \
+            RT xv = (RT)LDR_##DT(*(const T *)(x + i * s[FL_OP_INPUT]));                          \
+            RT tv = (RT)LDR_##DT(*(const T *)(t + i * s[FL_OP_TARGET]));                         \
+            RT pv = pw ? (RT)LDR_##DT(*(const T *)(pw + i * s[FL_OP_POSW])) : (RT)par->pwc;      \
+            RT wi = w ? (RT)LDR_##DT(*(const T *)(w + i * s[FL_OP_WEIGHT])) : lsr;               \
             eo_res_##RS res = eo_any_##RS(op, xv, tv, pv, p1, p2);                               \
-            RT wl = w ? wi * res.l : res.l;                                                       \
-            s_wl += (double)wl;                                                                  \
+            RT wl = wi * res.l;                                                                  \
+            lanes[(lane0 + i) % PW_LANES] += (double)wl;                                         \
             s_w += (double)wi;                                                                   \
             nbad += (double)res.bad;                                                             \
             if (e) e[i] = (OUT)wl;                                                               \
-            if (g) *(T *)(g + i * s[FL_OP_GRAD]) = ST_##DT(res.g * (w ? gsr * wi : gsr));        \
+            if (g) *(T *)(g + i * s[FL_OP_GRAD]) = ST_##DT(res.g * (gsr * wi));                  \
         }                                                                                        \
-        acc[0] += s_wl;                                                                          \
         acc[1] += s_w;                                                                           \
         acc[2] += nbad;                                                                          \
     }
@@ -428,6 +467,12 @@ BX_GENERIC(f16, fl_half, float, f, float)
 BX_GENERIC(bf16, fl_bf16, float, f, float)
 BX_GENERIC(f32, float, float, f, float)
 BX_GENERIC(f64, double, double, d, double)
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma STDC FP_CONTRACT ON
+#endif
 
 /* ---- 4. generic-stride segment loop (any strides, scalar) ------------------ */
 
@@ -634,6 +679,8 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
                         ? bx_seg_table[J->dtype][J->op - FL_PW_BCE][P->wkind == 1][P->pkind == 1][P->mode]
                         : NULL;
     const char *pw = (const char *)J->pos_weight;
+    double lanes[PW_LANES];                  /* section 3b: the item's sum lanes */
+    for (int j = 0; j < PW_LANES; j++) lanes[j] = 0.0;
 
     while (remaining > 0) {
         int64_t seg = P->shape[last] - idx[last];
@@ -643,22 +690,24 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
         char *gp = g ? g + off[FL_OP_GRAD] : NULL;
         char *ep = e ? e + flat * (int64_t)osz : NULL;
         const char *pws = pw ? pw + off[FL_OP_POSW] : NULL;
-        if (bfn) {
-            double wv = 1.0, pv = P->par.pwc;
-            if (P->wkind == 2) wv = pw_load1(J->dtype, ws);   /* weight constant along this segment */
-            if (P->pkind == 2) pv = pw_load1(J->dtype, pws);  /* pos_weight likewise */
-            bfn(seg, xs, ts, P->wkind == 1 ? ws : NULL, P->pkind == 1 ? pws : NULL, gp, ep, &P->par, pv,
-                wv, gs * wv, acc);
-            if (P->wkind == 2) acc[1] += wv * (double)seg;
-            else if (P->wkind == 0) acc[1] += (double)seg;
-        } else if (P->bx) {
-            int64_t s[FL_NOPERANDS];
-            for (int k = 0; k < FL_NOPERANDS; k++) s[k] = P->strides[k][last];
-            switch (J->dtype) {
-            case FL_F16: bxgen_f16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, gs, acc); break;
-            case FL_BF16: bxgen_bf16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, gs, acc); break;
-            case FL_F32: bxgen_f32(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, gs, acc); break;
-            default: bxgen_f64(J->op, seg, xs, ts, ws, pws, gp, (double *)ep, s, &P->par, gs, acc); break;
+        if (P->bx) {
+            /* a weight (pos_weight) constant along this segment is passed as a scalar */
+            double wv = P->wkind == 2 ? pw_load1(J->dtype, ws) : 1.0;
+            double pv = P->pkind == 2 ? pw_load1(J->dtype, pws) : P->par.pwc;
+            int64_t lane0 = (flat - r0) % PW_LANES;
+            if (bfn) {
+                bfn(seg, xs, ts, P->wkind == 1 ? ws : NULL, P->pkind == 1 ? pws : NULL, gp, ep, &P->par, pv,
+                    wv, gs, lanes, lane0, acc);
+                if (P->wkind != 1) acc[1] += wv * (double)seg;
+            } else {
+                int64_t s[FL_NOPERANDS];
+                for (int k = 0; k < FL_NOPERANDS; k++) s[k] = P->strides[k][last];
+                switch (J->dtype) {
+                case FL_F16: bxgen_f16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lane0, acc); break;
+                case FL_BF16: bxgen_bf16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lane0, acc); break;
+                case FL_F32: bxgen_f32(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lane0, acc); break;
+                default: bxgen_f64(J->op, seg, xs, ts, ws, pws, gp, (double *)ep, s, &P->par, 1.0, gs, lanes, lane0, acc); break;
+                }
             }
         } else if (fn) {
             if (P->wkind == 2) {             /* weight constant along this segment */
@@ -697,6 +746,7 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
                 off[k] += P->strides[k][d - 1] - P->shape[d] * P->strides[k][d];
         }
     }
+    if (P->bx) acc[0] += pw_lanes_sum(lanes);
 }
 
 /* ---- 7. driver -------------------------------------------------------------- */

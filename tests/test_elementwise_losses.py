@@ -143,6 +143,7 @@ def _torch_loss(name, x, t, opts, reduction):
     return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
 @pytest.mark.parametrize("case", OPTION_CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_torch_parity(case, dtype, rng):
@@ -328,16 +329,16 @@ def test_in_place_and_strided(name, rng):
     assert g2 is xc
     assert_identical(loss2, loss, what="in-place loss")
     assert_identical(g2, grad, what="in-place grad")
-    # strided and negative-stride views: the same values as contiguous copies
+    # strided and negative-stride views (the generic-stride loop): the bits of contiguous copies
     for sl in (np.s_[:, ::2], np.s_[::-1, ::-3], np.s_[1:7, 3:]):
         xv, tv = x[sl], t[sl]
         lv, gv = fg(xv, tv, reduction="sum", **opts)
         lc, gc = fg(np.ascontiguousarray(xv), np.ascontiguousarray(tv), reduction="sum", **opts)
-        assert_close(lv, lc, rtol=1e-6, what=f"loss of view {sl}")
-        assert_close(gv, gc, rtol=1e-6, what=f"grad of view {sl}")
+        assert_identical(lv, lc, what=f"loss of view {sl}")
+        assert_identical(gv, gc, what=f"grad of view {sl}")
         ev = f(xv, tv, reduction="none", **opts)
-        assert_close(ev, f(np.ascontiguousarray(xv), np.ascontiguousarray(tv), reduction="none", **opts),
-                     rtol=1e-6, what=f"elementwise loss of view {sl}")
+        assert_identical(ev, f(np.ascontiguousarray(xv), np.ascontiguousarray(tv), reduction="none", **opts),
+                         what=f"elementwise loss of view {sl}")
     # a target broadcast along the rows (stride 0) equals the materialized one
     tb = t[:1]
     lb = f(x, tb, reduction="none", **opts)
@@ -345,6 +346,55 @@ def test_in_place_and_strided(name, rng):
     # grad_out overlapping the target is refused
     with pytest.raises(ValueError, match="overlaps target"):
         fg(x, t, grad_out=t, **opts)
+
+
+@pytest.mark.parametrize("name", list(FUNCS))
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_row_strided_views_are_bitwise_identical(name, dtype, rng, isa):
+    """Rows with a stride (last axis contiguous) give the bits of the contiguous array: the sum
+    lanes follow the flat position, not the segment (pointwise_body.h, section 3b)."""
+    dt = get_dtype(dtype)
+    opts = {"log_target": True} if name == "kl_log_target" else {}
+    f, fg = FUNCS[name][:2]
+    x, t = _data(name, rng, (37, 45))
+    x, t = x.astype(dt), t.astype(dt)
+    if name in ("bce", "bce_logits"):
+        opts["weight"] = rng.uniform(0.5, 2.0, (37, 1)).astype(dt)      # constant along each row
+    big_x, big_t = np.zeros((74, 45), dt), np.zeros((74, 45), dt)
+    big_x[::2], big_t[::2] = x, t
+    xv, tv = big_x[::2], big_t[::2]
+    for reduction in ("mean", "sum"):
+        assert_identical(f(xv, tv, reduction=reduction, **opts), f(x, t, reduction=reduction, **opts),
+                         what=f"{reduction} of a row-strided view")
+        lv, gv = fg(xv, tv, reduction=reduction, **opts)
+        lc, gc = fg(x, t, reduction=reduction, **opts)
+        assert_identical(lv, lc, what=f"{reduction} loss of _with_grad, row-strided view")
+        assert_identical(gv, gc, what=f"{reduction} gradient, row-strided view")
+
+
+@pytest.mark.parametrize("name", list(FUNCS))
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_isas_give_identical_bits(name, dtype, rng):
+    """Computed without FMA contraction and summed in a fixed lane order, these losses give
+    the same bits on every ISA (unlike the regression losses, whose FMAs differ)."""
+    from fastloss import _core
+    opts = {"log_target": True} if name == "kl_log_target" else {}
+    f, fg = FUNCS[name][:2]
+    x, t = _data(name, rng, (5, 1000))
+    x, t = x.astype(dtype), t.astype(dtype)
+    previous = _core.get_isa()
+    results = {}
+    try:
+        for isa in SUPPORTED_ISAS:
+            _core.set_isa(isa)
+            results[isa] = (fg(x, t, **opts), f(x, t, reduction="none", **opts))
+    finally:
+        _core.set_isa(previous)
+    (l0, g0), e0 = results[SUPPORTED_ISAS[0]]
+    for isa, ((l, g), e) in results.items():
+        assert_identical(l, l0, what=f"loss on {isa}")
+        assert_identical(g, g0, what=f"gradient on {isa}")
+        assert_identical(e, e0, what=f"elementwise loss on {isa}")
 
 
 def test_pos_weight_constant_and_float16_grad_out(rng):
