@@ -45,11 +45,13 @@ FL_INLINE EO_FN(eo_sig) EO_FN(eo_sigmoid)(EO_R x)
 {
     EO_FN(eo_sig) r;
     EO_R e = EO_EXP(-(x < 0 ? -x : x));
-    EO_R inv = (EO_R)1 / ((EO_R)1 + e);
+    EO_R u = (EO_R)1 + e;
+    EO_R inv = (EO_R)1 / u;
     EO_R ei = e * inv;
     r.s = x >= 0 ? inv : ei;
     r.c = x >= 0 ? ei : inv;
-    r.L = EO_LOG1P(e);
+    /* log1p(e) as in fl_log1p, its correction (e - (u - 1)) / u taken with the 1/u above */
+    r.L = EO_LOG(u) + (e - (u - (EO_R)1)) * inv;
     return r;
 }
 
