@@ -80,6 +80,27 @@ FL_INLINE float fl_expf(float y)
     return y > 89.0f ? INFINITY : res;
 }
 
+/* exp(y) for y <= 0 (or NaN): fl_expf without the overflow side (one power of two, no clamp
+ * from above); used for exp(-|x|) in the sigmoid family.  Same accuracy and flush. */
+FL_INLINE float fl_expf_neg(float y)
+{
+    const float magic = 12582912.0f;
+    float yc = y < -87.3f ? -87.3f : y;
+    float k = (yc * 1.44269504088896341f + magic) - magic;   /* k in [-126, 0] */
+    float r = yc - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    float p = 1.9841270e-4f;
+    p = p * r + 1.3888889e-3f;
+    p = p * r + 8.3333333e-3f;
+    p = p * r + 4.1666667e-2f;
+    p = p * r + 1.6666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    float res = p * flm_pow2f(k);
+    return y < -87.3f ? 0.0f : res;
+}
+
 FL_INLINE float fl_logf(float x)
 {
     int sub = x < 1.17549435e-38f;                      /* subnormal (or <= 0: fixed below) */
@@ -151,6 +172,8 @@ FL_INLINE double fl_exp(double y)
     res = y < -708.3 ? 0.0 : res;
     return y > 710.0 ? INFINITY : res;
 }
+
+FL_INLINE double fl_exp_neg(double y) { return fl_exp(y); }   /* (no cheaper variant in double) */
 
 FL_INLINE double fl_log(double x)
 {
