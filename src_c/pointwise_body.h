@@ -268,23 +268,27 @@ static const pw_seg_fn pw_seg_table[FL_NDTYPES][PW_NREG][2][PW_NMODES] = {
 #define EO_R float
 #define EO_S f
 #define EO_EXP fl_expf
+#define EO_EXP_NEG fl_expf_neg
 #define EO_LOG fl_logf
 #define EO_LOG1P fl_log1pf
 #include "elem_ops.h"
 #undef EO_R
 #undef EO_S
 #undef EO_EXP
+#undef EO_EXP_NEG
 #undef EO_LOG
 #undef EO_LOG1P
 #define EO_R double
 #define EO_S d
 #define EO_EXP fl_exp
+#define EO_EXP_NEG fl_exp_neg
 #define EO_LOG fl_log
 #define EO_LOG1P fl_log1p
 #include "elem_ops.h"
 #undef EO_R
 #undef EO_S
 #undef EO_EXP
+#undef EO_EXP_NEG
 #undef EO_LOG
 #undef EO_LOG1P
 
