@@ -13,6 +13,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #define FL_TABLE_NAME fl_table_avx2
+#define FL_MATH_FMA 1   /* fl_math.h: polynomial steps as fused multiply-adds */
 #define FL_CE_F16C 1     /* ce_body.h: float16 rows converted with vcvtph2ps */
 #include "pointwise_body.h"
 #if defined(__clang__)

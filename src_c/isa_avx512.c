@@ -14,6 +14,7 @@
 #endif
 #define FL_TABLE_NAME fl_table_avx512
 #define FL_CE_AVX512 1   /* ce_body.h: the float block kernels with intrinsics */
+#define FL_MATH_FMA 1   /* fl_math.h: polynomial steps as fused multiply-adds */
 #define FL_CE_F16C 1     /* ce_body.h: float16 rows converted with vcvtph2ps */
 #include "pointwise_body.h"
 #if defined(__clang__)
