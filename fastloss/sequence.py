@@ -218,15 +218,6 @@ def sequence_log_probs_with_grad(logits, target, grad_seq, *, ignore_index=-100,
 
 # ---- DPO -----------------------------------------------------------------------------------
 
-def _log_sigmoid(z):
-    """log(sigmoid(z)) = -log(1 + exp(-z)), stable for any |z| (logaddexp never overflows)."""
-    return -np.logaddexp(0.0, -z)
-
-
-def _sigmoid(z):
-    return np.exp(_log_sigmoid(z))
-
-
 def _dpo_prepare(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                  loss_type, label_smoothing, reduction):
     pc = as_float_array(policy_chosen_logps, "policy_chosen_logps")
@@ -272,19 +263,30 @@ def _dpo_prepare(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
 
 
 def _dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
-         label_smoothing, reduction, want_grad):
+         label_smoothing, reduction, want_grad, want_rewards=True):
     pc, pr, (c, r), (rc, rr), b, eps, reduction, dt = _dpo_prepare(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
         label_smoothing, reduction)
+    # One softplus per pair: with sp = softplus(-z) = -log sigmoid(z) and softplus(z) = sp + z,
+    #   sigmoid: (1 - eps) sp(-z) + eps sp(z) = sp + eps z,
+    #   robust:  ((1 - eps) sp(-z) - eps sp(z)) / (1 - 2 eps) = sp - eps z / (1 - 2 eps),
+    # and sigmoid(z) = exp(-sp), sigmoid(-z) = exp(-sp - z) (no 1 - s: exact for large |z|).
+    # The gradient is formed only when asked for (the forward is ~4x faster than with it).
+    dh = None
     with np.errstate(invalid="ignore", over="ignore"):
         h = (c - r) - (rc - rr)
         z = b * h
-        if loss_type == "sigmoid":
-            loss = -(1.0 - eps) * _log_sigmoid(z) - eps * _log_sigmoid(-z)
-            dh = b * (-(1.0 - eps) * _sigmoid(-z) + eps * _sigmoid(z))
-        elif loss_type == "robust":
-            loss = (-(1.0 - eps) * _log_sigmoid(z) + eps * _log_sigmoid(-z)) / (1.0 - 2.0 * eps)
-            dh = b * (-(1.0 - eps) * _sigmoid(-z) - eps * _sigmoid(z)) / (1.0 - 2.0 * eps)
+        if loss_type in ("sigmoid", "robust"):
+            sp = np.log1p(np.exp(-np.abs(z))) + np.maximum(-z, 0.0)   # 4x faster than logaddexp(0, -z)
+            if loss_type == "sigmoid":
+                loss = sp + eps * z
+                if want_grad:                             # b (-(1 - eps) sigmoid(-z) + eps sigmoid(z))
+                    dh = b * (eps * np.exp(-sp) - (1.0 - eps) * np.exp(-sp - z))
+            else:
+                k = 1.0 / (1.0 - 2.0 * eps)
+                loss = sp - (eps * k) * z
+                if want_grad:                             # b (-(1 - eps) sigmoid(-z) - eps sigmoid(z)) / (1 - 2 eps)
+                    dh = (-b * k) * ((1.0 - eps) * np.exp(-sp - z) + eps * np.exp(-sp))
         elif loss_type == "ipo":
             d = h - 1.0 / (2.0 * b)
             loss = d * d
@@ -292,10 +294,11 @@ def _dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
         else:                                             # hinge
             m = 1.0 - z
             loss = np.maximum(m, 0.0)
-            dh = np.where(m > 0.0, -b, 0.0)
-            dh = np.where(np.isnan(m), np.nan, dh)
-        chosen_rewards = _cast(b * (c - rc), dt)
-        rejected_rewards = _cast(b * (r - rr), dt)
+            if want_grad:
+                dh = np.where(m > 0.0, -b, 0.0)
+                dh = np.where(np.isnan(m), np.nan, dh)
+        chosen_rewards = _cast(b * (c - rc), dt) if want_rewards else None
+        rejected_rewards = _cast(b * (r - rr), dt) if want_rewards else None
         n = loss.shape[0]
         if reduction == "none":
             out = _cast(loss, dt)
@@ -303,7 +306,8 @@ def _dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
             total = float(np.sum(loss))
             if reduction == "mean":
                 total = total / n if n else math.nan
-                dh = dh / n
+                if dh is not None:
+                    dh = dh / n
             out = _cast(total, dt)[()]
     if not want_grad:
         return out, chosen_rewards, rejected_rewards
@@ -354,7 +358,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
     (np.float64(0.6443966600735709), array([0.05]), array([-0.05]))
     """
     out, cr, rr = _dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                       loss_type, label_smoothing, reduction, want_grad=False)
+                       loss_type, label_smoothing, reduction, want_grad=False, want_rewards=bool(return_rewards))
     return (out, cr, rr) if return_rewards else out
 
 
@@ -383,7 +387,8 @@ def dpo_loss_with_grad(policy_chosen_logps, policy_rejected_logps, ref_chosen_lo
     (np.float64(0.6931471805599453), array([-0.5]), array([0.5]))
     """
     out, g_c, g_r, cr, rr = _dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                 ref_rejected_logps, beta, loss_type, label_smoothing, reduction, want_grad=True)
+                                 ref_rejected_logps, beta, loss_type, label_smoothing, reduction, want_grad=True,
+                                 want_rewards=bool(return_rewards))
     return (out, g_c, g_r, cr, rr) if return_rewards else (out, g_c, g_r)
 
 
