@@ -38,15 +38,15 @@ def _build_parser() -> argparse.ArgumentParser:
                     "GB/s as a percentage of the read bandwidth measured in the same run, each provider's peak\n"
                     "extra memory and its error against the float64 reference.  Progress goes to stderr (one\n"
                     "updating line on a terminal, one line per case otherwise), the report to stdout.\n\n"
-                    "The default run (under 2 minutes on 2 cores) times a cross-entropy subset: 2048x32000 and\n"
+                    "The default run (about 3 minutes on 2 cores) times a cross-entropy subset: 2048x32000 and\n"
                     "1x262144, float32 and float16, forward and with-grad into a new array (NumPy in float16 only\n"
                     "at 1x262144).  --loss cross_entropy (or the family, classification) times the whole\n"
                     "cross-entropy set: shapes 8192x32000, 2048x128256, 256x262144, 1x262144, 32768x1024, every\n"
                     "mode (about 3 minutes); --full times everything.\n\n"
                     "The other losses: family elementwise (binary_cross_entropy[_with_logits], sigmoid_focal_loss,\n"
-                    "hinge_loss, kl_div at 1e6 and 1e7 elements; dpo_loss at B = 64 and 4096) and family rows\n"
+                    "hinge_loss, kl_div at 1e7 elements; dpo_loss at B = 64 and 4096) and family rows\n"
                     "(multi_margin_loss and kl_div_logits at 512x32000, sequence_log_probs at (8, 256, 32000),\n"
-                    "triplet_margin_loss at 4096x512, info_nce_loss at 4096x256; --loss NAME or --full: the\n"
+                    "triplet_margin_loss at 4096x512, info_nce_loss at 2048x256; --loss NAME or --full: the\n"
                     "sizes of issue 6, e.g. 2048x32000 and 512x128256), float32, forward and with-grad.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--quick", action="store_true",

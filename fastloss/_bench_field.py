@@ -41,7 +41,7 @@ from fastloss import reference
 
 #: Per-preset problem sizes of the elementwise family (element counts) and shapes of the row
 #: family; the CLI's --sizes / --shapes replace them.
-ELEMENTWISE_SIZES = {"default": (10**6, 10**7), "quick": (10**6,), "full": (10**6, 10**7, 10**8),
+ELEMENTWISE_SIZES = {"default": (10**7,), "quick": (10**6,), "full": (10**6, 10**7, 10**8),
                      "pytest": (10**5,), "smoke": (1000, 10_000)}
 DPO_SIZES = {"default": (64, 4096), "quick": (64,), "full": (64, 4096, 65536), "pytest": (64,),
              "smoke": (64,)}
@@ -51,7 +51,7 @@ SEQUENCE_SHAPES = {"default": ((2048, 32000),), "quick": ((256, 32000),), "full"
                    "pytest": ((64, 32000),), "smoke": ((16, 1000),)}
 TRIPLET_SHAPES = {"default": ((4096, 512),), "quick": ((1024, 512),), "full": ((4096, 512), (65536, 128)),
                   "pytest": ((256, 128),), "smoke": ((8, 64),)}
-INFO_NCE_SHAPES = {"default": ((4096, 256),), "quick": ((1024, 256),), "full": ((4096, 256), (16384, 128)),
+INFO_NCE_SHAPES = {"default": ((2048, 256),), "quick": ((1024, 256),), "full": ((4096, 256), (16384, 128)),
                    "pytest": ((256, 64),), "smoke": ((8, 16),)}
 
 KL_TEMPERATURE = 2.0

@@ -36,7 +36,7 @@ Design
   cross-entropy -- for arrays above 2**22 elements, which get fresh pages on every call
   anyway), then rounds until a minimum count and a minimum time are reached; fewer
   calls for large sizes, and slow competitors stop after 2 calls and 0.5 s
-  (:class:`Policy`), which keeps the default run under two minutes.  Each sample is
+  (:class:`Policy`), which keeps the default run to about three minutes.  Each sample is
   one call; results are released outside the timed region, and so is the ``prepare``
   step of the in-place variant.  Reported: the median (quartiles in JSON).  Only
   medians and ratios measured in the same run mean anything here; absolute times drift
@@ -106,7 +106,7 @@ WARMUP_PREFIX = 1 << 20
 #: float64 reference (computed on the warm-up input) is that of the timed input itself;
 #: larger ones on their first WARMUP_PREFIX elements (whole rows): the float64 reference and
 #: a whole warm-up call of each provider cost ~1 s per group at 1e7 elements and seconds at
-#: 1e8, against a budget of two minutes for the default run.
+#: 1e8, against a budget of about three minutes for the default run.
 ACCURACY_FULL_MAX = 1 << 22
 #: The array read by the bandwidth probe.
 READ_BW_BYTES = 1 << 30
@@ -151,7 +151,7 @@ class Preset:
 
 
 CE_PRESETS = {
-    # default `python -m fastloss bench` (with the regression losses, under 2 minutes): a Llama 2
+    # default `python -m fastloss bench` (with the regression losses, ~90 s of the ~3-minute run): a Llama 2
     # vocabulary at 2048 tokens (8192 tokens would take ~40 s more, mostly torch's with-grad)
     "default": Preset(((2048, 32000), (1, 262144)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_DEFAULT),
     "quick": Preset(((1, 262144), (32768, 1024)), CE_DTYPES, ("forward", "with_grad"), NUMPY_MAX_QUICK),
@@ -169,7 +169,7 @@ CE_PRESETS = {
 def standard_normal_f32(rng: np.random.Generator, n: int) -> np.ndarray:
     """`n` standard normal float32 values by the Box-Muller transform: ~2x faster than
     ``Generator.standard_normal(dtype=np.float32)`` (2.6 s instead of 4.7 s for 262M values
-    here), which matters for a default run with a budget of two minutes."""
+    here), which matters for a default run with a budget of a few minutes."""
     x = np.empty(n, dtype=np.float32)
     h = (n + 1) // 2
     r = rng.random(h, dtype=np.float32)
@@ -730,7 +730,7 @@ class Policy:
     it has ``slow_calls`` calls totalling ``slow_time`` seconds: at 1e8 elements one
     round of NumPy and torch over the regression losses takes ~20 s (one NumPy Huber
     call ~2 s), and torch's cross-entropy with-grad on 8192x32000 takes ~2 s at 1 thread,
-    so 3 calls each would take the default run far past its budget of two minutes.
+    so 3 calls each would take the default run far past its budget.
     ``warmup_prefix`` (elements, or None for the full arrays) is what the warm-up call
     runs on (whole rows for cross-entropy).
     """
