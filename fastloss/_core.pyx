@@ -37,6 +37,17 @@ cdef int _dtype_code(cnp.dtype dt) except -1:
     raise TypeError(f"fastloss kernels do not support dtype {dt}")
 
 
+cdef bint _same_shape(cnp.ndarray a, cnp.ndarray b):
+    """a.shape == b.shape (the typed ``shape`` is a C pointer here: compared dimension by dimension)."""
+    cdef int d
+    if a.ndim != b.ndim:
+        return False
+    for d in range(a.ndim):
+        if a.shape[d] != b.shape[d]:
+            return False
+    return True
+
+
 cdef _check(int status, str what):
     if status == FL_OK:
         return
@@ -81,7 +92,7 @@ def pointwise(str op, double param, cnp.ndarray x, cnp.ndarray t, object w, obje
     job.nred = nred
     for d in range(x.ndim):
         job.shape[d] = x.shape[d]
-    if t.dtype != x.dtype or t.ndim != x.ndim:
+    if t.dtype != x.dtype or not _same_shape(t, x):
         raise ValueError("internal: target layout differs from input")
     job.input = cnp.PyArray_DATA(x)
     _set_operand(&job, FL_OP_INPUT, x)
@@ -89,19 +100,19 @@ def pointwise(str op, double param, cnp.ndarray x, cnp.ndarray t, object w, obje
     _set_operand(&job, FL_OP_TARGET, t)
     if w is not None:
         wa = w
-        if wa.dtype != x.dtype or wa.ndim != x.ndim:
+        if wa.dtype != x.dtype or not _same_shape(wa, x):
             raise ValueError("internal: weight layout differs from input")
         job.weight = cnp.PyArray_DATA(wa)
         _set_operand(&job, FL_OP_WEIGHT, wa)
     if pos_weight is not None:
         pwa = pos_weight
-        if pwa.dtype != x.dtype or pwa.ndim != x.ndim:
+        if pwa.dtype != x.dtype or not _same_shape(pwa, x):
             raise ValueError("internal: pos_weight layout differs from input")
         job.pos_weight = cnp.PyArray_DATA(pwa)
         _set_operand(&job, FL_OP_POSW, pwa)
     if g is not None:
         ga = g
-        if ga.dtype != x.dtype or ga.ndim != x.ndim or not ga.flags.writeable:
+        if ga.dtype != x.dtype or not _same_shape(ga, x) or not ga.flags.writeable:
             raise ValueError("internal: grad layout differs from input")
         job.grad = cnp.PyArray_DATA(ga)
         _set_operand(&job, FL_OP_GRAD, ga)
@@ -109,7 +120,8 @@ def pointwise(str op, double param, cnp.ndarray x, cnp.ndarray t, object w, obje
         job.grad_scale = <const double *>cnp.PyArray_DATA(gs)
     if e is not None:
         ea = e
-        if not ea.flags.c_contiguous or ea.dtype != (np.float64 if job.dtype == FL_F64 else np.float32):
+        if not ea.flags.c_contiguous or ea.size != x.size \
+                or ea.dtype != (np.float64 if job.dtype == FL_F64 else np.float32):
             raise ValueError("internal: bad elementwise output")
         job.loss_out = cnp.PyArray_DATA(ea)
     if sum_wl is not None:
@@ -338,6 +350,7 @@ def row_loss(str kind, list xs, object grads, object target, object weight, long
             g = grads[k]
             a = xs[k]
             if g.dtype != a.dtype or g.ndim != a.ndim or not g.flags.writeable \
+                    or g.shape[g.ndim - 1] != job.V \
                     or (job.V > 1 and g.strides[g.ndim - 1] != g.itemsize):
                 raise ValueError("internal: bad gradient array")
             for d in range(job.row_ndim):

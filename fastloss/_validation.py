@@ -135,13 +135,17 @@ def check_grad_out(grad_out, shape: tuple, dtype: np.dtype, inputs: dict, *, nam
         raise ValueError(f"{name} is read-only")
     if not grad_out.flags.aligned or not grad_out.dtype.isnative:
         raise ValueError(f"{name} must be aligned and in native byte order")
+    if any(st == 0 and n > 1 for st, n in zip(grad_out.strides, grad_out.shape)):
+        # a writeable zero-stride view (as_strided): several elements of the result would be one
+        # memory location, written by several threads at once
+        raise ValueError(f"{name} overlaps itself (a zero stride); pass an array whose elements are distinct")
     for arg, arr in inputs.items():
         if arr is None:
             continue
         same = (arr.__array_interface__["data"][0] == grad_out.__array_interface__["data"][0]
                 and arr.strides == grad_out.strides and arr.shape == grad_out.shape
                 and arr.dtype == grad_out.dtype)
-        if same and arg == "input":
+        if same and arg == inplace_name:       # the operand itself, or a view of exactly its elements
             continue
         try:
             overlap = np.shares_memory(arr, grad_out, max_work=10_000)

@@ -334,7 +334,8 @@ _document(
     "\n    Unlike torchvision, whose default is ``reduction=\"none\"``, the default here is ``\"mean\"``\n"
     "    (as the other losses).  Where 1 - p_t is exactly 0 the gradient's (1 - p_t)^(gamma - 1)\n"
     "    term is taken as its limit 0 (torch's autograd gives NaN there for gamma < 1).\n"
-    "    alpha : float\n        Weight of the positive class in [0, 1]; negative: no weighting.\n"
+    "    alpha : float\n        Weight of the positive class, usually in [0, 1] (not checked, as torchvision:\n"
+    "        alpha_t = alpha t + (1 - alpha)(1 - t)); negative: no weighting.\n"
     "    gamma : float >= 0\n        Focusing exponent.\n",
     "    >>> import numpy as np, fastloss\n"
     "    >>> fastloss.sigmoid_focal_loss(np.array([2.0, -1.0]), np.array([1.0, 0.0]))\n"

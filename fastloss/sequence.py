@@ -339,8 +339,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, 
 
     as TRL's ``DPOTrainer`` documents them (IPO on the log-probs as given: TRL averages the
     log-probs over tokens for IPO, here pass ``sequence_log_probs(..., average=True)`` for
-    that).  log sigmoid is computed as ``-logaddexp(0, -z)``: exact for any |beta h| (1e4
-    gives 0 and -1e4).  ``reduction``: "mean" / "sum" over the pairs, or "none" (B,).
+    that).  log sigmoid is computed as ``-(log1p(exp(-|z|)) + max(-z, 0))``: exact for any
+    |beta h| (1e4 gives 0 and -1e4).  ``reduction``: "mean" / "sum" over the pairs, or "none" (B,).
     The result is float64 if any input is float64, else float32 (computed in float64).
     With ``return_rewards=True`` returns ``(loss, chosen_rewards, rejected_rewards)`` with
     the implicit rewards ``beta * (pi_c - ref_c)`` and ``beta * (pi_r - ref_r)`` (B,), the

@@ -50,7 +50,7 @@ typedef enum {
     FL_PW_BCE_LOGITS = 6,       /* BCE with logits; pos_weight operand (NULL: 1)  */
     FL_PW_FOCAL = 7,            /* sigmoid focal: param = gamma, param2 = alpha    */
     FL_PW_HINGE = 8,            /* max(0, margin - t x), param = margin; t in {-1, 1} checked */
-    FL_PW_KL = 9,               /* xlogy(t, t) - t x                              */
+    FL_PW_KL = 9,               /* xlogy(t, t) - t x (0 where t == 0)             */
     FL_PW_KL_LOGT = 10,         /* exp(t) (t - x)                                 */
     FL_NPW = 11
 } fl_pointwise_op;

@@ -622,7 +622,7 @@ def _bad_grad_outs(x):
              "grad_out has dtype"),
             ("read_only", ro, ValueError, "read-only"),
             ("list", x.tolist(), TypeError, "grad_out"),
-            ("view_of_logits", x[:], ValueError, "overlaps")]
+            ("view_of_logits", x[::-1], ValueError, "overlaps")]     # same memory, rows in another order
 
 
 @pytest.mark.parametrize("which", ["shape", "shape_transposed", "dtype", "read_only", "list", "view_of_logits"])
@@ -634,6 +634,17 @@ def test_bad_grad_out_raises(which, rng):
     with pytest.raises(exc, match=match):
         fastloss.cross_entropy_with_grad(x, t, grad_out=out)
     assert_identical(x, before, what="logits after a rejected call")
+
+
+def test_a_view_of_exactly_the_logits_is_in_place(rng):
+    """grad_out = logits[:] (another object, the same elements in the same layout) is the in-place
+    case, as for every other loss (only a different layout of the same memory is an overlap)."""
+    x = _logits(rng, (5, 8), np.float32)
+    t = np.arange(5)
+    want_loss, want = fastloss.cross_entropy_with_grad(x, t)
+    loss, grad = fastloss.cross_entropy_with_grad(x, t, grad_out=x[:])
+    assert_identical(loss, want_loss, what="loss")
+    assert_identical(x, want, what="gradient written over the logits")
 
 
 def test_bad_target_with_grad_out_leaves_it_untouched(rng):
