@@ -251,3 +251,20 @@ def test_exported_and_documented(name):
     gparams = inspect.signature(spec.with_grad).parameters
     gdeclared = declared + [o.name for o in spec.grad_operands] + ([spec.out] if spec.out else [])
     assert sorted(gparams) == sorted(gdeclared), f"{name}_with_grad: signature {list(gparams)}, registry {gdeclared}"
+
+
+@pytest.mark.parametrize("name", [n for n, s in FIELD.items() if s.out] + ["mse_loss", "cross_entropy"])
+def test_grad_out_with_a_zero_stride_is_rejected(name):
+    """A writeable as_strided view whose rows are one memory location: threads would write it at
+    once; ValueError before any work."""
+    from fastloss._registry import REGISTRY
+    spec = REGISTRY[name]
+    shape = spec.test_shapes[-1] if spec.test_shapes else (6, 5)
+    ins = spec.make_inputs(_rng(name, "zero-stride"), shape, np.dtype(np.float32))
+    op = spec.inplace
+    x = ins[op]
+    row = np.empty(x.shape[1:], dtype=x.dtype)
+    g = np.lib.stride_tricks.as_strided(row, shape=x.shape, strides=(0,) + row.strides)
+    pos, kw_ops, grad_pos = split(spec, ins)
+    with pytest.raises(ValueError, match="overlaps itself"):
+        spec.with_grad(*pos, *grad_pos, **kw_ops, grad_out=g)
