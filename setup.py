@@ -12,9 +12,12 @@ says so.  Environment knobs:
   FASTLOSS_NO_OPENMP=1             build without OpenMP
   FASTLOSS_SANITIZE=address,undefined   build with sanitizers (debug builds)
   FASTLOSS_EXTRA_CFLAGS="..."      appended to the compile flags
+  FASTLOSS_SERIAL_BUILD=1          compile the C sources one after the other (default: in parallel)
 """
 import glob
 import os
+import types
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import sys
 import tempfile
@@ -59,6 +62,25 @@ int main(void) {
 """
 
 
+def _parallel_compile(self, sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                      extra_preargs=None, extra_postargs=None, depends=None):
+    """CCompiler.compile with the translation units compiled in parallel (one compiler process per
+    source, up to the CPU count): the three ISA files dominate the build, ~2x faster on 2 cores."""
+    macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
+        output_dir, macros, include_dirs, sources, depends, extra_postargs)
+    cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
+
+    def one(obj):
+        if obj in build:
+            src, ext = build[obj]
+            self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+    workers = max(1, min(len(objects), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, objects))          # re-raises a compile error
+    return objects
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         ctype = self.compiler.compiler_type
@@ -89,6 +111,8 @@ class BuildExt(build_ext):
             extra = os.environ.get("FASTLOSS_EXTRA_CFLAGS")
             if extra:
                 cflags += extra.split()
+        if ctype != "msvc" and not os.environ.get("FASTLOSS_SERIAL_BUILD"):
+            self.compiler.compile = types.MethodType(_parallel_compile, self.compiler)
         _log(f"OpenMP: {'on' if openmp else 'OFF (the kernels will run single-threaded)'}")
         _log(f"compile flags: {' '.join(cflags)}")
         for ext in self.extensions:
