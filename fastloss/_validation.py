@@ -2,9 +2,13 @@
 
 Errors are raised before any work starts, with a message that names the argument.
 Rules (documented in the README, "Errors and special values"):
-  * arrays: NumPy arrays, anything ``np.asarray`` accepts (lists, scalars, objects
-    with ``__array__`` or the buffer protocol); ``None``, ``str``, ``dict`` and
-    other non-numeric objects -> TypeError.  Python lists/scalars of ints are taken
+  * arrays: NumPy arrays (memmaps included), objects exposing ``__dlpack__`` (PyTorch CPU
+    tensors, JAX CPU arrays, PyArrow arrays; bfloat16 PyTorch tensors too), PyArrow chunked
+    arrays (one chunk: its buffer; several: concatenated, a copy), and anything
+    ``np.asarray`` accepts (lists, scalars, objects with ``__array__``,
+    ``__array_interface__`` or the buffer protocol), all without a copy where the memory
+    layout allows (:func:`as_array`); ``None``, ``str``, ``dict`` and other non-numeric
+    objects -> TypeError.  Python lists/scalars of ints are taken
     as float64; integer, bool, complex or object *arrays* -> TypeError.
   * floating dtypes: float16, float32, float64, and bfloat16 (``ml_dtypes``).
   * non-native byte order and unaligned data are copied (the kernels need native,
@@ -34,6 +38,71 @@ def is_python_scalar(x) -> bool:
     return type(x) in (int, float)
 
 
+_DLPACK_ERRORS = (BufferError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError)
+
+
+def _from_torch(x, name: str) -> np.ndarray:
+    """A NumPy view of a CPU torch.Tensor (any strides; bfloat16 as ml_dtypes.bfloat16)."""
+    import torch
+
+    if x.device.type != "cpu":
+        raise TypeError(f"{name} is a torch.Tensor on device {x.device}; fastloss computes on the CPU: "
+                        f"pass {name}.cpu() (or use fastloss.torch, which falls back to torch there)")
+    if x.requires_grad:
+        raise TypeError(f"{name} is a torch.Tensor that requires grad; pass {name}.detach() (no gradient flows "
+                        "through fastloss's NumPy API), or use fastloss.torch for autograd")
+    if x.dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError(f"{name} is a bfloat16 torch.Tensor: install ml_dtypes to pass it to fastloss") from None
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)     # the same memory, reinterpreted
+    if x.is_conj() or x.is_neg():
+        x = x.resolve_conj().resolve_neg()
+    return x.numpy()
+
+
+def as_array(x, name: str) -> np.ndarray:
+    """`x` as an ndarray, sharing its memory wherever the layout allows.
+
+    NumPy arrays (and subclasses such as ``np.memmap``) are returned as they are.  A CPU
+    ``torch.Tensor`` becomes a view of its storage (any strides, bfloat16 included);
+    ``requires_grad`` or a non-CPU device is a TypeError that says what to do.  A PyArrow
+    ``ChunkedArray`` with one chunk is that chunk's buffer (several chunks are concatenated,
+    a copy).  Other objects with ``__dlpack__`` (JAX, PyArrow arrays, CuPy on the CPU, ...)
+    go through ``np.from_dlpack`` (zero-copy); when DLPack refuses them (a device or dtype
+    NumPy does not know, nulls in a PyArrow array) ``np.asarray`` is tried, which also
+    covers ``__array__``, ``__array_interface__`` and the buffer protocol.
+    """
+    if isinstance(x, np.ndarray):
+        return x
+    if x is None or isinstance(x, (str, bytes, dict, set)):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    mod = type(x).__module__ or ""
+    if mod.startswith("torch") and type(x).__name__ in ("Tensor", "Parameter"):
+        return _from_torch(x, name)
+    if mod.startswith("pyarrow"):
+        if type(x).__name__ == "ChunkedArray":
+            if x.num_chunks != 1:
+                return x.to_numpy()                 # the chunks concatenated: a copy
+            x = x.chunk(0)
+        if hasattr(x, "to_numpy") and hasattr(x, "null_count"):      # a pyarrow.Array
+            try:    # zero-copy: a primitive array without nulls
+                return x.to_numpy(zero_copy_only=True)
+            except (ValueError, TypeError, NotImplementedError):
+                # nulls become NaN (floats) or objects (integers: then a dtype error names the argument)
+                return x.to_numpy(zero_copy_only=False)
+    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
+        try:
+            return np.from_dlpack(x)
+        except _DLPACK_ERRORS:
+            pass
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+
+
 def as_float_array(x, name: str) -> np.ndarray:
     """`x` as an ndarray of a supported float dtype, without copying when possible."""
     if isinstance(x, np.ndarray):
@@ -41,10 +110,7 @@ def as_float_array(x, name: str) -> np.ndarray:
     else:
         if x is None or isinstance(x, (str, bytes, dict, set)):
             raise TypeError(f"{name} must be an array of floats, got {type(x).__name__}")
-        try:
-            a = np.asarray(x)
-        except Exception as exc:  # ragged lists and the like
-            raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+        a = as_array(x, name)
         if a.dtype.kind in "iub" and isinstance(x, (list, tuple, int, float, np.number, np.bool_)):
             a = a.astype(np.float64)
     dt = a.dtype
@@ -119,14 +185,19 @@ def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
 
 def check_grad_out(grad_out, shape: tuple, dtype: np.dtype, inputs: dict, *, name: str = "grad_out",
                    inplace_name: str = "input") -> np.ndarray:
-    """Validate a caller-supplied gradient buffer.
+    """Validate a caller-supplied gradient buffer; returns it as an ndarray.
 
-    It must be a writeable ndarray of exactly `shape` and `dtype`.  It may be the
+    It must be a writeable ndarray (or an object exposing ``__dlpack__``, e.g. a CPU
+    torch.Tensor, taken as a view of its memory) of exactly `shape` and `dtype`.  It may be the
     input array itself (same memory, same strides: in-place gradient) but must not
     otherwise overlap any input.
     """
     if not isinstance(grad_out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(grad_out).__name__}")
+        mod = type(grad_out).__module__ or ""
+        if not (hasattr(grad_out, "__dlpack__") or mod.startswith("torch")):
+            raise TypeError(f"{name} must be a numpy.ndarray (or a writeable array exposing __dlpack__, "
+                            f"e.g. a CPU torch.Tensor), got {type(grad_out).__name__}")
+        grad_out = as_array(grad_out, name)         # a view of its memory (written in place)
     if grad_out.shape != shape:
         raise ValueError(f"{name} has shape {grad_out.shape}, expected {shape}")
     if grad_out.dtype != dtype:

@@ -35,7 +35,7 @@ import numpy as np
 
 from fastloss import _core
 from fastloss._config import resolve_num_threads
-from fastloss._validation import as_float_array, check_grad_out, check_reduction
+from fastloss._validation import as_array, as_float_array, check_grad_out, check_reduction
 
 _F32_OVERFLOW = (2.0 - 2.0 ** -24) * 2.0 ** 127     # the smallest double that rounds to float32 inf
 
@@ -107,10 +107,7 @@ def _int64(value, name: str) -> int:
 def _target_array(target) -> np.ndarray:
     if isinstance(target, np.ndarray):
         return target
-    try:
-        return np.asarray(target)
-    except (ValueError, TypeError) as exc:          # ragged lists and the like
-        raise TypeError(f"target could not be converted to an array: {exc}") from None
+    return as_array(target, "target")
 
 
 def _soft_target(target, x0: np.ndarray, x: np.ndarray, axis: int, ignore_index: int):
@@ -357,8 +354,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, sample_weight=None, 
         result = np.empty(ce.x.shape, dtype=x0.dtype)            # rows layout, class axis last
         loss = ce.run(out=result)
         return loss, np.moveaxis(result, -1, ce.axis)
-    inputs = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight),
-              "sample_weight": None if sample_weight is None else np.asarray(sample_weight)}
+    inputs = {"target": as_array(target, "target"),
+              "weight": None if weight is None else as_array(weight, "weight"),
+              "sample_weight": None if sample_weight is None else as_array(sample_weight, "sample_weight")}
     if grad_out is not logits:
         inputs["logits"] = x0
     result = check_grad_out(grad_out, x0.shape, x0.dtype, inputs, inplace_name="logits")
@@ -396,7 +394,7 @@ def _softmax_family(x, axis, out, num_threads, mode, name):
         fill(res)
         return np.moveaxis(res, -1, ax)
     inputs = {} if out is x else {"x": x0}
-    check_grad_out(out, x0.shape, x0.dtype, inputs, name="out", inplace_name="x")
+    out = check_grad_out(out, x0.shape, x0.dtype, inputs, name="out", inplace_name="x")
     _into(out, ax, v.shape, fill)
     return out
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from fastloss import _core
 from fastloss._config import resolve_num_threads
-from fastloss._validation import as_float_array, check_positive
+from fastloss._validation import as_array, as_float_array, check_positive
 from fastloss.margin import _finish_grad, _grad_dest, _reduce, _rows
 
 __all__ = ["kl_div_logits", "kl_div_logits_with_grad"]
@@ -59,7 +59,7 @@ class _KL:
         if target is not None:
             if isinstance(target, (str, bytes, dict, set)):
                 raise TypeError(f"target must be an integer array of the rows' shape, got {type(target).__name__}")
-            tg = target if isinstance(target, np.ndarray) else np.asarray(target)
+            tg = target if isinstance(target, np.ndarray) else as_array(target, "target")
             if tg.dtype.kind not in "iu":
                 raise TypeError(f"target must be an integer array, got dtype {tg.dtype}")
             if tg.shape != self.rows_shape:
@@ -148,7 +148,7 @@ def kl_div_logits_with_grad(student_logits, teacher_logits, *, temperature=1.0, 
     array([[ 0.25, -0.25]])
     """
     kl = _KL(student_logits, teacher_logits, temperature, reduction, ignore_index, target, num_threads)
-    inputs = {"teacher_logits": kl.t, "target": None if target is None else np.asarray(target)}
+    inputs = {"teacher_logits": kl.t, "target": None if target is None else as_array(target, "target")}
     work, result = _grad_dest(grad_out, kl.s, student_logits, inputs, "grad_out", "student_logits")
     loss = kl.run(grad=work)
     return loss, _finish_grad(work, result)

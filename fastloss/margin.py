@@ -22,7 +22,7 @@ import numpy as np
 
 from fastloss import _core
 from fastloss._config import resolve_num_threads
-from fastloss._validation import as_float_array, check_grad_out, check_reduction, result_float_dtype
+from fastloss._validation import as_array, as_float_array, check_grad_out, check_reduction, result_float_dtype
 
 __all__ = ["multi_margin_loss", "multi_margin_loss_with_grad", "triplet_margin_loss",
            "triplet_margin_loss_with_grad"]
@@ -72,7 +72,7 @@ def _grad_dest(grad_out, like: np.ndarray, original, inputs: dict, name: str, in
         return g, g
     if grad_out is not original:
         inputs = dict(inputs, **{inplace_name: like})
-    check_grad_out(grad_out, like.shape, like.dtype, inputs, name=name, inplace_name=inplace_name)
+    grad_out = check_grad_out(grad_out, like.shape, like.dtype, inputs, name=name, inplace_name=inplace_name)
     if like.shape[-1] <= 1 or grad_out.strides[-1] == grad_out.itemsize:
         return grad_out, grad_out
     return np.empty(like.shape, dtype=like.dtype), grad_out
@@ -129,7 +129,7 @@ def _class_target(target, rows_shape: tuple, C: int, input_shape: tuple) -> np.n
     if target is None or isinstance(target, (str, bytes, dict, set)):
         raise TypeError(f"target must be an array of class indices, got {type(target).__name__}")
     try:
-        t = target if isinstance(target, np.ndarray) else np.asarray(target)
+        t = target if isinstance(target, np.ndarray) else as_array(target, "target")
     except (ValueError, TypeError) as exc:
         raise TypeError(f"target could not be converted to an array: {exc}") from None
     if t.dtype.kind not in "iu":
@@ -199,7 +199,7 @@ def multi_margin_loss_with_grad(input, target, *, p=1, margin=1.0, weight=None, 
     array([[ 0.25,  0.25,  0.25, -0.75]])
     """
     mm = _MM(input, target, p, margin, weight, reduction, num_threads)
-    inputs = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight)}
+    inputs = {"target": as_array(target, "target"), "weight": None if weight is None else as_array(weight, "weight")}
     work, result = _grad_dest(grad_out, mm.x, input, inputs, "grad_out", "input")
     loss = mm.run(grad=work)
     return loss, _finish_grad(work, result)

@@ -34,7 +34,7 @@ import numpy as np
 
 from fastloss import _core
 from fastloss._config import resolve_num_threads
-from fastloss._validation import as_float_array, check_grad_out, check_positive, check_reduction
+from fastloss._validation import as_array, as_float_array, check_grad_out, check_positive, check_reduction
 from fastloss.classification import _hard_target, _int64, _into, _rows_layout
 
 __all__ = ["sequence_log_probs", "sequence_log_probs_with_grad", "dpo_loss", "dpo_loss_with_grad",
@@ -183,10 +183,12 @@ def sequence_log_probs_with_grad(logits, target, grad_seq, *, ignore_index=-100,
         raise ValueError(f"grad_seq must be finite, got {g[i]} at sequence {i}")
     x0 = s.logits
     if grad_out is not None:
-        inputs = {"target": np.asarray(target), "grad_seq": np.asarray(grad_seq)}
+        if not isinstance(grad_out, np.ndarray) and hasattr(grad_out, "__dlpack__"):
+            grad_out = as_array(grad_out, "grad_out")       # e.g. a torch.Tensor: a view of its memory
+        inputs = {"target": as_array(target, "target"), "grad_seq": as_array(grad_seq, "grad_seq")}
         if not _same_array(grad_out, x0):       # logits itself (or a view of the same elements): in place
             inputs["logits"] = x0
-        check_grad_out(grad_out, x0.shape, x0.dtype, inputs, inplace_name="logits")
+        grad_out = check_grad_out(grad_out, x0.shape, x0.dtype, inputs, inplace_name="logits")
 
     # w_b per row, negated: the kernel's gradient is sw * (softmax - onehot).
     w = -g
