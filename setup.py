@@ -144,9 +144,10 @@ class BuildExt(build_ext):
     def run(self):
         self._c_api_files = []
         super().run()
-        if self.inplace:
+        if self.inplace or getattr(self, "editable_mode", False):
             # setuptools builds an in-place extension in build/ and copies it to the source tree
-            # (copy_extensions_to_source): the C API files follow it
+            # (copy_extensions_to_source; `pip install -e` imports from there): the C API files
+            # follow it
             src_pkg = self.get_finalized_command("build_py").get_package_dir("fastloss")
             for path, rel in self._c_api_files:
                 dest = os.path.join(src_pkg, rel)
