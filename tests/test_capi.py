@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 
 import fastloss
 from fastloss import _capi, reference
-from fl_testing import run_python
+from fl_testing import SUPPORTED_ISAS, run_python
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "c" / "mse_and_ce.c"
@@ -150,7 +149,7 @@ def test_docstring_examples(monkeypatch):
 
 def _example_inputs():
     """The inputs of examples/c/mse_and_ce.c, rebuilt in NumPy (the same integer formulas)."""
-    R, C, LD, N, V = 100, 100, 128, 6, 11
+    R, C, LD, N, V = 1000, 300, 320, 6, 11
     i = np.arange(R * LD)
     buf = (((i * 37) % 101).astype(np.float32) / np.float32(16) - np.float32(3)).reshape(R, LD)
     j = np.arange(C)
@@ -191,13 +190,14 @@ def _run_example(binary, *args):
     return res.stdout
 
 
-def test_c_program_matches_reference(example_binary):
-    out = _run_example(example_binary)
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+def test_c_program_matches_reference(example_binary, isa):
+    out = _run_example(example_binary, "2", isa)
     x, y, logits, target = _example_inputs()
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
-    abi, isa = re.match(r"(\d+) isa (\w+)", lines["abi"]).groups()
+    abi = re.match(r"(\d+) isa \w+", lines["abi"]).group(1)
     assert int(abi) == _header_abi(Path(_capi.get_include()) / "fastloss.h")
-    assert isa in ("baseline", "avx2", "avx512")
+    assert lines["abi"].split()[2] == isa
     # the sums are accumulated in double: float64 accuracy
     np.testing.assert_allclose(float(lines["mse"]), reference.mse_loss(x, y), rtol=1e-13)
     np.testing.assert_allclose(float(lines["cross_entropy"]), reference.cross_entropy(logits, target), rtol=1e-6)
@@ -206,8 +206,17 @@ def test_c_program_matches_reference(example_binary):
 
 
 def test_c_program_thread_count_does_not_change_results(example_binary):
-    outs = {n: _run_example(example_binary, str(n)) for n in (1, 2, 3, 0)}
-    assert len(set(outs.values())) == 1, outs
+    # the MSE has 300k elements: 1, 2 or 4 threads (the kernels' minimum is 64k elements a thread)
+    for isa in SUPPORTED_ISAS:
+        outs = {n: _run_example(example_binary, str(n), isa) for n in (1, 2, 3, 4, 0)}
+        assert len(set(outs.values())) == 1, outs
+
+
+def test_c_program_default_isa_and_unavailable_isa(example_binary):
+    out = _run_example(example_binary)
+    assert out.splitlines()[0].split()[3] == SUPPORTED_ISAS[-1]      # "abi 1 isa <best>": the default
+    res = subprocess.run([str(example_binary), "1", "sse9"], capture_output=True, text=True, env=_tool_env())
+    assert res.returncode == 2 and "ISA sse9 is not available" in res.stderr
 
 
 # ---- 3. a Cython extension that cimports fastloss.capi --------------------------------------------
@@ -328,13 +337,13 @@ def cython_ext(tmp_path_factory):
 def test_cython_extension_calls_the_kernels(cython_ext, rng):
     assert cython_ext.abi() == (1, 1)
     # MSE on a strided view, broadcast target
-    base = rng.standard_normal((40, 70)).astype(np.float32)
-    x = base[::2, 3:53]
-    y = rng.standard_normal(50).astype(np.float32)
+    base = rng.standard_normal((800, 500)).astype(np.float32)
+    x = base[::2, 3:453]               # 180k elements: up to 2 threads (the kernel's minimum per thread)
+    y = rng.standard_normal(450).astype(np.float32)
     results = {n: cython_ext.mse(x, y, n) for n in (1, 2, 3)}
     assert len(set(results.values())) == 1, results
     st, value = results[1]
-    assert st == 0
+    assert st == FL_OK
     np.testing.assert_allclose(value, fastloss.mse_loss(x, np.broadcast_to(y, x.shape)), rtol=1e-6)
     np.testing.assert_allclose(value, reference.mse_loss(x, y), rtol=1e-13)
 
@@ -344,7 +353,7 @@ def test_cython_extension_calls_the_kernels(cython_ext, rng):
     target[4] = -100
     grad = np.empty(logits.size)
     st, bad, loss = cython_ext.cross_entropy(logits, target, grad, 2)
-    assert st == 0
+    assert st == FL_OK
     want, want_grad = fastloss.cross_entropy_with_grad(logits, target)
     np.testing.assert_allclose(loss, want, rtol=1e-13)
     np.testing.assert_allclose(grad.reshape(logits.shape), want_grad, rtol=1e-12, atol=1e-15)

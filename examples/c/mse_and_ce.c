@@ -10,7 +10,7 @@
  *   INC=$(python -c "import fastloss; print(fastloss.get_include())")
  *   LIB=$(python -c "import fastloss; print(fastloss.get_library_dir())")
  *   cc -std=c99 -O2 mse_and_ce.c -I"$INC" -L"$LIB" -lfastloss -Wl,-rpath,"$LIB" -o mse_and_ce
- *   ./mse_and_ce [nthreads]
+ *   ./mse_and_ce [nthreads [isa]]        (isa: baseline, avx2 or avx512; default: the best)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,7 +19,7 @@
 #include "fastloss.h"
 
 enum {
-    ROWS = 100, COLS = 100, LD = 128,   /* MSE: a (ROWS, COLS) view of a (ROWS, LD) float32 buffer */
+    ROWS = 1000, COLS = 300, LD = 320,  /* MSE: a (ROWS, COLS) view of a (ROWS, LD) float32 buffer */
     N = 6, NCLASS = 11,                 /* cross-entropy: N rows of NCLASS classes */
     IGNORE = -100                       /* the ignore_index */
 };
@@ -27,6 +27,14 @@ enum {
 int main(int argc, char **argv)
 {
     int nthreads = argc > 1 ? atoi(argv[1]) : 2;   /* < 1 means 1 */
+    if (argc > 2) {                                /* run on another ISA than the best one */
+        int isa = 0;
+        while (isa < FL_NISA && strcmp(fl_isa_name(isa), argv[2]) != 0) isa++;
+        if (fl_set_isa(isa) != FL_OK) {            /* FL_ERR_ISA: not compiled in or not supported */
+            fprintf(stderr, "ISA %s is not available\n", argv[2]);
+            return 2;
+        }
+    }
 
     /* the library must implement the ABI this program was compiled against */
     if (fl_abi_version() != FL_ABI_VERSION) {
