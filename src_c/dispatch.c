@@ -23,6 +23,8 @@ static const fl_kernel_table *fl_tables[FL_NISA] = {
 #endif
 };
 
+int fl_abi_version(void) { return FL_ABI_VERSION; }
+
 static const char *const fl_isa_names[FL_NISA] = {"baseline", "avx2", "avx512"};
 
 /* -1 = not chosen yet.  Written once (or by an explicit fl_set_isa); a racing

@@ -8,7 +8,19 @@
  *   - sizes and indices are int64_t, strides are in BYTES (NumPy convention),
  *     may be negative or zero (broadcast);
  *   - floating inputs come in four storage types (fl_dtype); the math is done in
- *     double for the regression losses, sums are accumulated in double.
+ *     double for the regression losses, sums are accumulated in double;
+ *   - nthreads: the number of OpenMP threads a call may use; values < 1 mean 1
+ *     (never "all cores").  Work is split in fixed chunks and partial sums are
+ *     combined in a fixed order, so results are bitwise identical for any nthreads;
+ *   - the kernels are reentrant: concurrent calls on different jobs are safe.
+ *
+ * Using it from C without Python: `fastloss.get_include()` is the directory of this
+ * header and `fastloss.get_library_dir()` the directory of libfastloss.so (the same
+ * kernels as the Python extension, linked into a plain shared library):
+ *     cc prog.c -I$INC -L$LIB -lfastloss -Wl,-rpath,$LIB
+ * The library has its own ISA dispatch state (fl_set_isa in a C program does not
+ * change the Python extension's choice, and vice versa).  docs/c_api.md describes
+ * the ABI in full.
  */
 #ifndef FASTLOSS_H
 #define FASTLOSS_H
@@ -19,6 +31,13 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* ABI version of this header.  Bumped when a job struct, an enum value or a function
+ * signature changes incompatibly (appending a struct member is a change: the structs are
+ * allocated by the caller).  A program compiled against this header can check the library
+ * it loaded:  if (fl_abi_version() != FL_ABI_VERSION) { ... refuse to run ... } */
+#define FL_ABI_VERSION 1
+int fl_abi_version(void);             /* the FL_ABI_VERSION the library was built with */
 
 #define FL_MAX_NDIM 64          /* >= NPY_MAXDIMS (64 in NumPy 2) */
 #define FL_BLOCK 8192           /* elements per reduction block (fixed: results do not depend on threads) */
