@@ -26,6 +26,7 @@ from fastloss._config import _select_isa_from_env
 _select_isa_from_env()
 
 from fastloss import reference  # noqa: E402
+from fastloss._capi import get_cflags, get_include, get_ldflags, get_library, get_library_dir  # noqa: E402
 from fastloss._config import config, get_num_threads, set_num_threads, show_config  # noqa: E402
 from fastloss.classification import (cross_entropy, cross_entropy_with_grad, log_softmax, logsumexp,  # noqa: E402
                                      nll_loss, perplexity, softmax)
@@ -56,3 +57,4 @@ __all__ += ["sequence_log_probs", "sequence_log_probs_with_grad", "dpo_loss", "d
 __all__ += ["binary_cross_entropy", "binary_cross_entropy_with_grad", "binary_cross_entropy_with_logits",
             "binary_cross_entropy_with_logits_with_grad", "sigmoid_focal_loss", "sigmoid_focal_loss_with_grad",
             "hinge_loss", "hinge_loss_with_grad", "kl_div", "kl_div_with_grad"]
+__all__ += ["get_include", "get_library", "get_library_dir", "get_cflags", "get_ldflags"]
