@@ -578,15 +578,17 @@ def _ce_rows(ce, want_rank: bool):
 
 
 def _rank_numpy(ce) -> np.ndarray:
-    """rank[r] = #{j: x_j > x_y or (x_j == x_y and j < y)}; -1 for ignored rows (fallback)."""
+    """rank[r] = #{j: x_j > x_y or (x_j == x_y and j < y)}, NaN above every number; -1 for
+    ignored rows.  The fallback for a build without the kernel's row_rank (softcap ignored)."""
     x = np.asarray(ce.x).reshape(-1, ce.V)
-    if ce.cap:
-        x = ce.cap * np.tanh(x.astype(np.float64) / ce.cap)
     t = ce.t
     active = t != ce.ignore_index
     ts = np.where(active, t, 0)
     xy = x[np.arange(x.shape[0]), ts][:, None]
-    rank = np.count_nonzero(x > xy, axis=1) + np.count_nonzero((x == xy) & (np.arange(ce.V) < ts[:, None]), axis=1)
+    before = np.arange(ce.V) < ts[:, None]
+    nan = np.isnan(x)
+    rank = np.where(np.isnan(xy[:, 0]), np.count_nonzero(nan & before, axis=1),
+                    np.count_nonzero((x > xy) | nan | ((x == xy) & before), axis=1))
     return np.where(active, rank, -1).astype(np.int64)
 
 
@@ -605,8 +607,8 @@ class CrossEntropy(Accumulator):
     * :meth:`accuracy`, :meth:`topk_accuracy`: the fraction of non-ignored rows whose target
       is the argmax (first index on ties, as ``np.argmax``) / among the k largest logits
       (ties ranked by index), unweighted, from the kernel's per-row rank of the target,
-      computed in the same pass.  A row with a NaN logit: comparisons with NaN are false, so
-      a NaN target logit has rank = #{j < y : x_j is NaN}, and NaN elsewhere do not count.
+      computed in the same pass.  NaN logits are ordered above every number (as ``np.argmax``):
+      a NaN elsewhere in the row makes it a miss, a NaN target logit ranks after the NaN before it.
       Class-probability targets have no accuracy (NaN).
     * :meth:`summary`: a dict of all of them.
 
