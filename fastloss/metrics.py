@@ -656,7 +656,7 @@ class CrossEntropy(Accumulator):
     >>> _ = acc.update(np.array([[2.0, 1.0, 0.0]]), np.array([0]))
     >>> _ = acc.update(np.array([[2.0, 1.0, 0.0]]), np.array([1]))
     >>> acc.result(), acc.accuracy(), acc.topk_accuracy(2)
-    (np.float64(0.9076059644443805), 0.5, 1.0)
+    (np.float64(0.9076059644443806), 0.5, 1.0)
     """
     loss = "cross_entropy"
     _DEFAULTS = {"weight": None, "ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0, "z_loss": 0.0,
