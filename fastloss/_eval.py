@@ -3,7 +3,7 @@
 Design
 ------
 The input (and target) arrays are never mapped or read whole: rows are taken in windows of
-``chunk_rows`` (default: about 64 MiB of input per window) and each window goes through the
+``chunk_rows`` (default: about 256 MiB of input per window) and each window goes through the
 streaming accumulator of :mod:`fastloss.metrics` (the same kernels as the one-shot functions,
 float64 chunk sums, compensated merge), so files larger than RAM -- or than the process's
 address-space limit -- work, and the result equals the one-shot function's on the whole array
@@ -13,15 +13,19 @@ Readers (``reader=``):
 
 * ``"mmap"`` (default for ``.npy`` and stored ``.npz`` members): each window is its own
   read-only mapping of just those rows (offset rounded down to the allocation granularity),
-  created with ``MAP_POPULATE`` by a helper thread while the kernel (GIL released) runs on
-  the previous window, and unmapped after use; so the kernel finds its pages present (no
-  page faults in the hot loop) and at most two windows are mapped at a time.
+  created with ``MAP_POPULATE`` (the kernel then finds its pages mapped: no page faults in
+  the hot loop) and unmapped after use.  ``prefetch=True`` maps the next window in a helper
+  thread while the kernel (GIL released) runs on this one.
 * ``"read"``: ``readinto`` two reused buffers alternately, the next one filled by the helper
   thread (the only reader for deflated ``.npz`` members: they are decompressed window by
   window).
 
-Measured on the 2-core VM (``benchmarks/eval_throughput.py``) the mmap reader is the faster
-of the two (no copy); both overlap I/O with the kernel.
+Measured on the 2-core VM with 4 GB of float32 logits, page cache warm (load average 5.5,
+``benchmarks/eval_throughput.py``), against the in-memory ``cross_entropy`` (3.1 GB/s): mmap
+without prefetch 0.94 of it, mmap with prefetch 0.84 (on 2 cores the helper competes with the
+kernel's two threads), read + prefetch 0.36 (the copy); so mmap without prefetch is the default
+(prefetch stays the default of the read reader).  Windows of 256 MiB: with 64 MiB the kernel's
+per-call thread barrier cost ~10 % more on the loaded machine.
 
 Inputs: ``path.npy``, or ``path.npz:member`` (a ``.npz`` with one member may omit it).
 C-ordered arrays of float16/float32/float64 (input) and, for cross_entropy / nll_loss /
@@ -45,7 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 PROG = "python -m fastloss eval"
-_WINDOW_BYTES = 64 << 20
+_WINDOW_BYTES = 256 << 20
+_PREFETCH_DEFAULT = {"mmap": False, "read": True}   # measured: benchmarks/eval_throughput.py
 _CLASSIFICATION = ("cross_entropy", "nll_loss", "perplexity", "multi_margin_loss")
 _EVAL_LOSSES = ("mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "rmse", "mse", "mae", "binary_cross_entropy",
                 "binary_cross_entropy_with_logits", "sigmoid_focal_loss", "hinge_loss", "kl_div") + _CLASSIFICATION
@@ -328,7 +333,7 @@ def _flat_rows(src: ArraySource, keep: int):
 
 
 def evaluate(loss: str, input, target, *, chunk_rows: int | None = None, reader: str = "mmap",
-             progress: bool = False, num_threads=None, prefetch: bool = True, **options):
+             progress: bool = False, num_threads=None, prefetch: bool | None = None, **options):
     """Stream ``loss`` over the arrays stored in the files `input` and `target` (paths, see the
     module docstring) and return ``(accumulator, info)``; ``info`` holds rows, bytes, seconds.
 
@@ -347,6 +352,8 @@ def evaluate(loss: str, input, target, *, chunk_rows: int | None = None, reader:
         acc = metrics.accumulator(loss, **options)
     except (TypeError, ValueError) as exc:
         raise EvalError(str(exc)) from None
+    if prefetch is None:
+        prefetch = _PREFETCH_DEFAULT[reader]
     xs = ArraySource(os.fspath(input), "input")
     ts = ArraySource(os.fspath(target), "target")
     try:
@@ -411,7 +418,9 @@ def _result_dict(acc, info) -> dict:
     return out
 
 
-def _parse_topk(text: str) -> tuple:
+def _parse_topk(text: str):
+    if text.strip().lower() in ("none", ""):
+        return None
     try:
         ks = tuple(int(k) for k in text.split(",") if k.strip())
     except ValueError:
@@ -432,7 +441,7 @@ def add_arguments(p) -> None:
     p.add_argument("--input", required=True, metavar="PATH", help=".npy file, or file.npz:member")
     p.add_argument("--target", required=True, metavar="PATH", help=".npy file, or file.npz:member")
     p.add_argument("--ignore-index", type=int, default=None, help="target value to skip (classification; -100)")
-    p.add_argument("--topk", default=None, metavar="K,K", help="top-k accuracies to report (cross_entropy; 1,5)")
+    p.add_argument("--topk", default=None, metavar="K,K", help="top-k accuracies to report (cross_entropy; default 1,5; none: no accuracy, a little faster)")
     p.add_argument("--reduction", default=None, choices=("mean", "sum", "batchmean"))
     p.add_argument("--delta", type=float, default=None, help="huber_loss delta")
     p.add_argument("--beta", type=float, default=None, help="smooth_l1_loss beta")
@@ -440,7 +449,7 @@ def add_arguments(p) -> None:
     p.add_argument("--label-smoothing", type=float, default=None)
     p.add_argument("--softcap", type=float, default=None)
     p.add_argument("--multioutput", default=None, choices=("raw_values", "uniform_average"), help="rmse per output")
-    p.add_argument("--chunk-rows", type=int, default=None, metavar="N", help="rows per window (default: ~64 MiB)")
+    p.add_argument("--chunk-rows", type=int, default=None, metavar="N", help="rows per window (default: ~256 MiB)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="kernel threads (default: all)")
     p.add_argument("--reader", default="mmap", choices=("mmap", "read"), help="window reader (default mmap)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

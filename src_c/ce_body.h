@@ -476,7 +476,7 @@ CE_BLOCK_MAXSUM(f64, double, ce_exp, ce_exp(v[i] - m))
     static __attribute__((noinline)) int64_t ce_block_rank_##DT(const R *v, int64_t nb, R xy,  \
                                                                 int64_t lim)                   \
     {                                                                                          \
-        int64_t c = 0;                                                                         \
+        int c = 0;                    /* nb <= CE_BLOCK: 32-bit lanes (half the work of 64) */ \
         if (xy != xy) {               /* a NaN target logit: only the NaN before it rank higher */ \
             for (int64_t i = 0; i < lim; i++) c += v[i] != v[i];                               \
             return c;                                                                          \
@@ -485,7 +485,7 @@ CE_BLOCK_MAXSUM(f64, double, ce_exp, ce_exp(v[i] - m))
         for (int64_t i = 0; i < lim; i++) c += !(v[i] < xy);       /* >= or NaN */             \
         _Pragma("omp simd reduction(+:c)")                                                     \
         for (int64_t i = lim; i < nb; i++) c += !(v[i] <= xy);     /* > or NaN */              \
-        return c;                                                                              \
+        return (int64_t)c;                                                                     \
     }
 CE_BLOCK_RANK(f32, float)
 CE_BLOCK_RANK(f64, double)

@@ -363,6 +363,16 @@ def test_accuracy_topk_perplexity_summary(rng):
     assert_ulps(p.result(), fastloss.perplexity(x, t))
 
 
+def test_topk_none(rng):
+    x = rng.normal(size=(20, 6)).astype(np.float32)
+    t = rng.integers(0, 6, size=20)
+    acc = metrics.CrossEntropy(topk=None).update(x, t)
+    assert acc.options["topk"] == () and "accuracy" not in acc.summary()
+    assert_ulps(acc.result(), fastloss.cross_entropy(x, t))
+    with pytest.raises(ValueError, match="topk=None"):
+        acc.accuracy()
+
+
 def test_soft_targets_have_no_accuracy(rng):
     x = rng.normal(size=(6, 4))
     q = fastloss.softmax(rng.normal(size=(6, 4)))
