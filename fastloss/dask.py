@@ -37,7 +37,6 @@ and every scheduler, for a given chunking; different chunkings agree within 2 ul
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import math
 import numbers
@@ -108,7 +107,7 @@ _SPECS = {
     "kl_div": _Spec("elementwise", "input", {"target": "elem"}),
     "cross_entropy": _Spec("rows", "logits", {"target": "target", "weight": "class", "sample_weight": "rows"}),
     "nll_loss": _Spec("rows", "log_probs", {"target": "rows", "weight": "class"}),
-    "perplexity": _Spec("rows", "logits", {"target": "rows"}),
+    "perplexity": _Spec("rows", "logits", {"target": "target"}),
     "multi_margin_loss": _Spec("rows", "input", {"target": "rows", "weight": "class"}),
     "triplet_margin_loss": _Spec("rows", "anchor", {"positive": "full", "negative": "full"}, 3),
     "kl_div_logits": _Spec("rows", "student_logits", {"teacher_logits": "full", "target": "rows"}),
@@ -139,6 +138,14 @@ def _check_aligned_to(x, shape: tuple, name: str, what: str, *, broadcast: bool)
             pass
         raise ValueError(f"{name} of shape {x.shape} cannot be broadcast to {what} {shape}")
     raise ValueError(f"{name} must have {what} {shape}, got {x.shape}")
+
+
+def _is_float(dt: np.dtype) -> bool:
+    return dt.kind == "f" or dt.name == "bfloat16"
+
+
+def _is_python_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class _Operands:
@@ -176,11 +183,12 @@ class _Operands:
             x = arrays.get(name)
             if x is None:
                 continue
+            if role == "elem" and _is_python_number(x) and _is_float(first.dtype):
+                # NumPy 2 promotion, as the NumPy functions: a Python scalar takes the input's dtype
+                x = np.asarray(x, dtype=first.dtype)
             x = _as_dask(x, name)
             if role == "target":
-                floating = np.issubdtype(x.dtype, np.floating) or x.dtype.kind == "V" or \
-                    x.dtype.name == "bfloat16"
-                role = "full" if floating and x.ndim == nd else "rows"
+                role = "full" if _is_float(x.dtype) and x.ndim == nd else "rows"
             if role == "elem":
                 x = _check_aligned_to(x, first.shape, name, f"the shape of {spec.first}", broadcast=True)
                 x, index = x.rechunk(first.chunks), self.full_index
@@ -215,10 +223,6 @@ class _Operands:
             fill = 0 if x.dtype.kind in "iub" else 1
             out[name] = np.full(shape, fill, dtype=x.dtype)
         return out
-
-    @property
-    def numblocks(self) -> int:
-        return math.prod(self.first.numblocks[:len(self.rows_index)])
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
@@ -355,16 +359,17 @@ def _reduce(loss: str, arrays: dict, options: dict, *, num_threads=None, split_e
 # ---- public functions ----------------------------------------------------------------------------
 
 _COMMON_DOC = """
-    Dask version of :func:`fastloss.{name}` (same formula, keywords and result, see there),
-    lazy: nothing runs until ``.compute()`` (or ``dask.compute``/``persist``).
+    Dask version of :func:`fastloss.{name}`: same formula, keywords and result (see its
+    docstring for the definition and the options), lazy: nothing runs until ``.compute()``
+    (or ``dask.compute`` / ``persist`` / ``Client.compute``).{note}
 
     Parameters
     ----------
 {params}    num_threads : int, optional
-        Kernel threads per task.  None: 1 (the scheduler runs one task per core or worker
-        thread already); set it for the synchronous scheduler or single-threaded workers on
-        many-core nodes.  The result does not depend on it.
-    split_every : int, optional
+        Kernel threads per task.  None: 1 (the scheduler already runs one task per core or
+        per worker thread); set it for the synchronous scheduler, or for distributed workers
+        started with one thread on a many-core node.  The result does not depend on it.
+    split_every : int >= 2, optional
         Fan-in of the tree that merges the per-block states (default 8).
 
     Returns
@@ -373,33 +378,167 @@ _COMMON_DOC = """
 
     Examples
     --------
+    >>> import numpy as np, dask.array as da, fastloss.dask
 {example}
 """
 
 _ELEM_PARAMS = """    input : dask.array.Array or numpy.ndarray
-        float16, float32, float64 or bfloat16, any shape and chunks.
-    target : dask.array.Array or numpy.ndarray
-        Broadcastable to ``input.shape``; rechunked to ``input``'s chunks.
+        float16, float32, float64 or bfloat16 (ml_dtypes), any shape and chunks.
+    target : dask.array.Array, numpy.ndarray or Python scalar
+        Broadcastable to ``input.shape``; broadcast and rechunked to ``input``'s chunks.
 """
-_WEIGHT_PARAM = """    weight : dask.array.Array or numpy.ndarray, optional
-        Per-element weights broadcastable to ``input.shape``; rechunked to ``input``'s chunks.
+_WEIGHT = """    weight : dask.array.Array or numpy.ndarray, optional
+        Per-element weights broadcastable to ``input.shape`` (rechunked to its chunks).
+"""
+_REDUCTION = """    reduction : {{{values}}}
+        ``"none"``: a lazy array of {shape} (the NumPy function on each block).
 """
 _ELEM_RETURNS = """0-d dask.array.Array (float64 for float64 input, else float32); for ``reduction="none"``
         a Dask array of ``input``'s shape and chunks."""
-_ROWS_RETURNS = """0-d dask.array.Array (float64 for float64 logits, else float32); for ``reduction="none"``
-        a Dask array of the rows' shape (the logits' shape without the class axis), chunked as
-        the logits' rows."""
-_ROWS_PARAMS = """    {first} : dask.array.Array or numpy.ndarray, shape (..., V)
-        float16, float32, float64 or bfloat16; any chunks on the row axes, the class axis (last)
-        ONE chunk (else ValueError: rechunk with ``{first}.rechunk({{-1: -1}})``).
-    target : dask.array.Array or numpy.ndarray
-        Integer class indices of the rows' shape{soft}; rechunked to the rows' chunks.
+_ROWS_RETURNS = """0-d dask.array.Array (float64 for float64 {first}, else float32); for ``reduction="none"``
+        a Dask array of the rows' shape (the shape of ``{first}`` without the last axis),
+        chunked as the rows of ``{first}``."""
+_ROWS_FIRST = """    {first} : dask.array.Array or numpy.ndarray, shape (..., {V})
+        float16, float32, float64 or bfloat16; any chunks on the leading (row) axes, the last
+        axis ONE chunk (else ValueError; rechunk with ``{first}.rechunk({{-1: -1}})``).
+"""
+_INDEX_TARGET = """    target : dask.array.Array or numpy.ndarray of int
+        Class indices (or ``ignore_index``), the rows' shape; rechunked to the rows' chunks.
+"""
+_CLASS_WEIGHT = """    weight : numpy.ndarray or dask.array.Array (V,), optional
+        Per-class weights (one chunk, shared by every block).
+"""
+_OPTIONS = """    {names}
+        As :func:`fastloss.{name}`.
 """
 
+_DOCS = {
+    "mse_loss": (_ELEM_PARAMS + _WEIGHT, "reduction", "input", None, """\
+    >>> x = da.arange(8, chunks=3, dtype=np.float32)
+    >>> loss = fastloss.dask.mse_loss(x, 1.0)
+    >>> loss.compute()
+    np.float32(11.5)"""),
+    "l1_loss": (_ELEM_PARAMS + _WEIGHT, "reduction", "input", None, """\
+    >>> x = da.arange(8, chunks=3, dtype=np.float32)
+    >>> fastloss.dask.l1_loss(x, 1.0, reduction="sum").compute()
+    np.float32(22.0)"""),
+    "huber_loss": (_ELEM_PARAMS + _WEIGHT, "reduction", "input", "delta", """\
+    >>> x = da.arange(8, chunks=3, dtype=np.float32)
+    >>> fastloss.dask.huber_loss(x, 1.0, delta=2.0).compute()
+    np.float32(3.875)"""),
+    "smooth_l1_loss": (_ELEM_PARAMS + _WEIGHT, "reduction", "input", "beta", """\
+    >>> x = da.arange(8, chunks=3, dtype=np.float32)
+    >>> fastloss.dask.smooth_l1_loss(x, 1.0, beta=0.5).compute()
+    np.float32(2.53125)"""),
+    "rmse": (_ELEM_PARAMS + _WEIGHT, None, "input", None, """\
+    >>> x = da.arange(8, chunks=3, dtype=np.float32)
+    >>> fastloss.dask.rmse(x, 1.0).compute()
+    np.float32(3.391165)"""),
+    "binary_cross_entropy": (_ELEM_PARAMS + _WEIGHT, "reduction", "input", None, """\
+    >>> p = da.from_array(np.array([0.9, 0.2, 0.7, 0.4]), chunks=2)
+    >>> fastloss.dask.binary_cross_entropy(p, np.array([1.0, 0.0, 1.0, 1.0])).compute()
+    np.float64(0.4003674356962309)"""),
+    "binary_cross_entropy_with_logits": (
+        _ELEM_PARAMS + _WEIGHT + """    pos_weight : dask.array.Array or numpy.ndarray, optional
+        Broadcastable to ``input.shape`` (rechunked to its chunks).
+""", "reduction", "input", None, """\
+    >>> z = da.from_array(np.array([2.0, -1.0, 0.5, 0.0]), chunks=2)
+    >>> fastloss.dask.binary_cross_entropy_with_logits(z, np.array([1.0, 0.0, 1.0, 1.0])).compute()
+    np.float64(0.4018534658253118)"""),
+    "sigmoid_focal_loss": (_ELEM_PARAMS, "reduction", "input", "alpha, gamma", """\
+    >>> z = da.from_array(np.array([2.0, -1.0, 0.5, 0.0]), chunks=2)
+    >>> fastloss.dask.sigmoid_focal_loss(z, np.array([1.0, 0.0, 1.0, 1.0])).compute()
+    np.float64(0.019414876313633273)"""),
+    "hinge_loss": (_ELEM_PARAMS, "reduction", "input", "margin", """\
+    >>> z = da.from_array(np.array([2.0, -1.0, 0.5, 0.0]), chunks=2)
+    >>> fastloss.dask.hinge_loss(z, np.array([1.0, -1.0, -1.0, 1.0])).compute()
+    np.float64(0.625)"""),
+    "kl_div": (_ELEM_PARAMS, "kl", "input", "log_target", """\
+    >>> logp = da.from_array(np.log(np.array([[0.5, 0.5], [0.25, 0.75]])), chunks=(1, 2))
+    >>> fastloss.dask.kl_div(logp, np.array([[0.25, 0.75], [0.5, 0.5]]), reduction="batchmean").compute()
+    np.float64(0.1373265360835137)"""),
+    "cross_entropy": (
+        _ROWS_FIRST.format(first="logits", V="V") + """    target : dask.array.Array or numpy.ndarray
+        Integer class indices of the rows' shape, or class probabilities of the logits'
+        shape; rechunked to the logits' (row) chunks.
+""" + _CLASS_WEIGHT + """    sample_weight : dask.array.Array or numpy.ndarray, optional
+        Broadcastable to the rows' shape (rechunked to the rows' chunks).
+""", "reduction", "logits", "ignore_index, label_smoothing, z_loss, softcap", """\
+    >>> logits = da.zeros((6, 4), chunks=(2, 4))        # 3 blocks of 2 rows, 4 classes
+    >>> fastloss.dask.cross_entropy(logits, np.array([0, 1, 2, 3, -100, 1])).compute()
+    np.float64(1.3862943611198906)"""),
+    "nll_loss": (_ROWS_FIRST.format(first="log_probs", V="V") + _INDEX_TARGET + _CLASS_WEIGHT, "reduction",
+                 "log_probs", "ignore_index", """\
+    >>> logp = da.full((4, 2), np.log(0.5), chunks=(2, 2))
+    >>> fastloss.dask.nll_loss(logp, np.array([0, 1, 1, 0])).compute()
+    np.float64(0.6931471805599453)"""),
+    "perplexity": (_ROWS_FIRST.format(first="logits", V="V") + _INDEX_TARGET, None, "logits", "ignore_index", """\
+    >>> logits = da.zeros((6, 4), chunks=(2, 4))
+    >>> fastloss.dask.perplexity(logits, np.array([0, 1, 2, 3, -100, 1])).compute()
+    np.float64(4.0)"""),
+    "multi_margin_loss": (_ROWS_FIRST.format(first="input", V="C") + _INDEX_TARGET + _CLASS_WEIGHT, "reduction",
+                          "input", "p, margin", """\
+    >>> x = da.zeros((4, 3), chunks=(2, 3))
+    >>> fastloss.dask.multi_margin_loss(x, np.array([0, 1, 2, 0])).compute()
+    np.float64(0.6666666666666666)"""),
+    "triplet_margin_loss": (_ROWS_FIRST.format(first="anchor", V="D") + """    positive, negative : dask.array.Array or numpy.ndarray
+        The anchor's shape; rechunked to its chunks.
+""", "reduction", "anchor", "margin, p, eps, swap", """\
+    >>> a = da.zeros((4, 3), chunks=(2, 3))
+    >>> fastloss.dask.triplet_margin_loss(a, np.full((4, 3), 0.5), np.ones((4, 3))).compute()
+    np.float64(0.1339745962155614)"""),
+    "kl_div_logits": (_ROWS_FIRST.format(first="student_logits", V="V") + """    teacher_logits : dask.array.Array or numpy.ndarray
+        The student's shape; rechunked to its chunks.
+    target : dask.array.Array or numpy.ndarray of int, optional
+        The rows' shape: rows whose target is ``ignore_index`` are left out.
+""", "kl_batchmean", "student_logits", "temperature, ignore_index", """\
+    >>> s = da.zeros((3, 2), chunks=(2, 2))
+    >>> fastloss.dask.kl_div_logits(s, np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])).compute()
+    np.float64(0.14625246571482156)"""),
+}
 
-def _document(func, params: str, returns: str, example: str):
-    func.__doc__ = (func.__doc__ or "") + _COMMON_DOC.format(name=func.__name__, params=params, returns=returns,
-                                                             example=example)
+_AXIS = """    axis : None
+        Only None (every axis: NotImplementedError otherwise); for per-axis results take
+        ``reduction="none"`` and reduce the Dask array.
+"""
+
+_NOTES = {
+    "kl_div": """
+
+    ``reduction="batchmean"`` divides by ``input.shape[0]``: ``input`` must then be chunked
+    along its first axis only (else ValueError).""",
+    "cross_entropy": """
+
+    ``"mean"`` is the token-weighted mean of the whole array (sum over the non-ignored rows of
+    the weighted row losses / sum of s * w[t] over them), as the NumPy function on all the
+    rows -- not a mean of per-block means.  The classes must be on the last axis (``axis=-1``,
+    the only accepted value; move them with ``da.moveaxis``).""",
+    "perplexity": """
+
+    exp(sum of the token NLLs / number of non-ignored tokens) over all the blocks.""",
+}
+
+
+def _document(func):
+    name = func.__name__
+    params, reduction, first, options, example = _DOCS[name]
+    if reduction is not None:
+        values = {"reduction": '"mean", "sum", "none"', "kl": '"mean", "batchmean", "sum", "none"',
+                  "kl_batchmean": '"batchmean", "mean", "sum", "none"'}[reduction]
+        params += _REDUCTION.format(values=values, shape=f"``{first}``'s shape and chunks" if _SPECS[name].kind == "elementwise"
+                                     else "the rows' shape")
+    if options:
+        params += _OPTIONS.format(names=options, name=name)
+    if "axis" in inspect.signature(func).parameters and _SPECS[name].kind == "elementwise":
+        params += _AXIS
+    if _SPECS[name].kind == "elementwise":
+        returns = _ELEM_RETURNS
+    else:
+        returns = _ROWS_RETURNS.format(first=first)
+    if reduction is None:
+        returns = returns.split("; for")[0] + "."
+    func.__doc__ = func.__doc__.rstrip() + "\n" + _COMMON_DOC.format(
+        name=name, note=_NOTES.get(name, ""), params=params, returns=returns, example=example)
     return func
 
 
@@ -483,11 +622,7 @@ def kl_div(input, target, *, reduction="mean", log_target=False, num_threads=Non
 
 def cross_entropy(logits, target, *, weight=None, sample_weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, z_loss=0.0, softcap=None, axis=-1, num_threads=None, split_every=None):
-    """Cross-entropy of logits (rows x V) against class indices or probabilities over Dask arrays.
-
-    ``"mean"`` is the token-weighted mean of the whole array (sum over non-ignored rows of
-    s * w[t] * loss / sum of s * w[t]), exactly as the NumPy function on the concatenated data
-    -- not a mean of per-chunk means."""
+    """Cross-entropy of logits (rows x V) against class indices or probabilities over Dask arrays."""
     _last_axis(axis, logits)
     return _reduce("cross_entropy",
                    {"logits": logits, "target": target, "weight": weight, "sample_weight": sample_weight},
@@ -549,3 +684,8 @@ def kl_div_logits(student_logits, teacher_logits, *, temperature=1.0, reduction=
                                      "target": target},
                    _options(temperature=temperature, reduction=reduction, ignore_index=ignore_index),
                    num_threads=num_threads, split_every=split_every)
+
+
+for _name in __all__:
+    _document(globals()[_name])
+del _name
