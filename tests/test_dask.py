@@ -278,6 +278,8 @@ def test_zero_d_and_empty():
     e = fd.mse_loss(da.zeros((0, 4), chunks=2, dtype=np.float32), 0.0)
     assert np.isnan(e.compute()) and e.dtype == np.float32
     assert fd.mse_loss(da.zeros((0, 4), chunks=2), 0.0, reduction="sum").compute() == 0.0
+    row = np.array([1.0, 2.0, 0.5])                # one row, no row axis: a 0-d target
+    assert fd.cross_entropy(da.from_array(row), np.int64(1)).compute() == fastloss.cross_entropy(row, np.int64(1))
 
 
 # ---- distributed -------------------------------------------------------------------------------
