@@ -27,9 +27,13 @@ class _UsageError(Exception):
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="fastloss: fast loss functions for CPUs.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,eval}", parser_class=_Parser)
     sub.add_parser("info", help="print the build and runtime configuration (fastloss.show_config())",
                    description="Print the build and runtime configuration.")
+    from fastloss import _eval
+    _eval.add_arguments(sub.add_parser("eval", help="a loss over .npy/.npz files, streamed (see fastloss._eval)",
+                                       description=_eval.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     b = sub.add_parser(
         "bench", help="time the losses against NumPy and PyTorch",
         description="Time the regression losses (forward and with-grad, float32) and cross-entropy (forward, and\n"
@@ -215,6 +219,9 @@ def main(argv=None) -> int:
     if args.command is None:
         print(f"{PROG}: error: choose a command: info or bench (--help for details)", file=sys.stderr)
         return 2
+    if args.command == "eval":
+        from fastloss import _eval
+        return _eval.run(args)
     if args.command == "info":
         import fastloss
         fastloss.show_config()

@@ -88,6 +88,7 @@ cdef extern from "fastloss.h" nogil:
         double *row_lse
         double *scratch
         int64_t *bad_row
+        int64_t *row_rank
 
     int64_t fl_ce_scratch_len(int64_t n_rows, int64_t V)
     int fl_cross_entropy(const fl_ce_job *job, int nthreads)

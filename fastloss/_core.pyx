@@ -144,7 +144,8 @@ CE_MODES = {"none": FL_CE_OUT_NONE, "grad": FL_CE_OUT_GRAD, "log_softmax": FL_CE
 def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, object class_weight,
                        double weight_sum, object sample_weight, long long ignore_index,
                        double label_smoothing, double z_loss, double softcap, double grad_scale,
-                       object row_loss, object row_lse, int nthreads, object soft_target=None):
+                       object row_loss, object row_lse, int nthreads, object soft_target=None,
+                       object row_rank=None):
     """Run the row kernel (see fl_ce_job in src_c/fastloss.h).
 
     logits: (rows..., V) with a unit-stride last axis.  out: same shape and dtype, or None.
@@ -153,12 +154,14 @@ def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, 
     soft_target (instead of target): class probabilities of the logits' shape with a
     unit-stride last axis, in the logits' dtype or their compute type (float32; float64 for
     float64 logits), or None.
+    row_rank: int64 C-contiguous (rows) or None: the rank of each row's target among its
+    logits (mode "none" with a class-index target only; -1 for ignored rows).
     Returns None, or raises IndexError(row) for a target out of range.
     """
     cdef fl_ce_job job
     cdef int d, status
     cdef int64_t bad = -1
-    cdef cnp.ndarray o, tg, cw, sw, rl, rs, scratch, q
+    cdef cnp.ndarray o, tg, cw, sw, rl, rs, scratch, q, rr
     cdef int64_t n_rows
     memset(&job, 0, sizeof(job))
     if logits.ndim < 1 or logits.ndim - 1 > FL_MAX_NDIM:
@@ -237,6 +240,12 @@ def cross_entropy_rows(cnp.ndarray logits, object out, str mode, object target, 
         if rs.dtype != np.float64 or not rs.flags.c_contiguous or rs.size != n_rows:
             raise ValueError("internal: bad row_lse")
         job.row_lse = <double *>cnp.PyArray_DATA(rs)
+    if row_rank is not None:
+        rr = row_rank
+        if rr.dtype != np.int64 or not rr.flags.c_contiguous or not rr.flags.writeable or rr.size != n_rows \
+                or mode != "none" or target is None:
+            raise ValueError("internal: bad row_rank")
+        job.row_rank = <int64_t *>cnp.PyArray_DATA(rr)
     scratch = np.empty(fl_ce_scratch_len(n_rows, job.V), dtype=np.float64)
     job.scratch = <double *>cnp.PyArray_DATA(scratch)
     job.bad_row = &bad

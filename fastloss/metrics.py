@@ -159,6 +159,25 @@ def _index(value, name: str) -> int:
     return v
 
 
+def _pointwise_sums(op, param, param2, p, pw=None):
+    """(sum of w*l, sum of w, number outside the domain) of a prepared pointwise call (all axes).
+
+    float64 input: the elementwise double losses from the kernel, summed with fsum (correctly
+    rounded: the float64 result is then within an ulp of exact over any chunking); otherwise
+    the kernel's double block sums (error far below a float32 ulp)."""
+    n = p.x.size
+    if n == 0:
+        return 0.0, 0.0, 0
+    if p.x.dtype == np.float64:
+        e = np.empty(p.x.shape, np.float64)
+        nbad = _core.pointwise(op, param, p.x, p.t, p.w, None, e, p.x.ndim, None, None, None, p.nthreads, param2, pw)
+        den = _fsum(np.ravel(p.w)) if p.w is not None else float(n)
+        return _fsum(e.reshape(-1)), den, nbad
+    swl, sw = np.zeros(1), np.zeros(1)
+    nbad = _core.pointwise(op, param, p.x, p.t, p.w, None, None, p.x.ndim, swl, sw, None, p.nthreads, param2, pw)
+    return float(swl[0]), float(sw[0]), nbad
+
+
 # ---- the base class ---------------------------------------------------------------------------
 
 class Accumulator:
@@ -284,8 +303,8 @@ class _Regression(Accumulator):
         if len(operands) != 2:
             raise TypeError(f"{self.loss} update() takes (input, target), got {len(operands)} positional arguments")
         p = regression._prepare(operands[0], operands[1], data.get("weight"), "mean", None, nthreads)
-        swl, sw = regression._sums(p, self._op, self._param())
-        return float(swl[0]), float(sw[0]), p.loss_dtype == np.float64
+        num, den, _ = _pointwise_sums(self._op, self._param(), 0.0, p)
+        return num, den, p.loss_dtype == np.float64
 
 
 class MSELoss(_Regression):
@@ -378,8 +397,8 @@ class RMSE(Accumulator):
             if data.get("sample_weight") is not None:
                 raise TypeError("sample_weight needs multioutput='raw_values' or 'uniform_average'; use weight")
             p = regression._prepare(x, t, data.get("weight"), "mean", None, nthreads)
-            swl, sw = regression._sums(p, "mse", 0.0)
-            return float(swl[0]), float(sw[0]), p.loss_dtype == np.float64
+            num, den, _ = _pointwise_sums("mse", 0.0, 0.0, p)
+            return num, den, p.loss_dtype == np.float64
         if data.get("weight") is not None:
             raise TypeError("with multioutput, per-sample weights are sample_weight (shape (n,)), not weight")
         xa = as_float_array(x, "input")
@@ -395,7 +414,15 @@ class RMSE(Accumulator):
         if self._out_shape is not None and xa.shape[1:] != self._out_shape:
             raise ValueError(f"input has outputs of shape {xa.shape[1:]}, earlier chunks had {self._out_shape}")
         p = regression._prepare(xa, t, w, "mean", 0, nthreads)
-        swl, sw = regression._sums(p, "mse", 0.0)
+        if p.x.dtype == np.float64 and p.x.size:     # per output: fsum of the elementwise losses (see above)
+            e = np.empty(p.x.shape, np.float64)
+            _core.pointwise("mse", 0.0, p.x, p.t, p.w, None, e, p.x.ndim, None, None, None, p.nthreads)
+            e = e.reshape(p.n_out, -1)
+            wv = None if p.w is None else np.broadcast_to(p.w, p.x.shape).reshape(p.n_out, -1)
+            swl = np.array([_fsum(row) for row in e])
+            sw = np.full(p.n_out, float(e.shape[1])) if wv is None else np.array([_fsum(row) for row in wv])
+        else:
+            swl, sw = regression._sums(p, "mse", 0.0)
         return swl.reshape(p.out_shape), sw.reshape(p.out_shape), p.loss_dtype == np.float64
 
     def _absorb(self, num, den, f64):
@@ -460,18 +487,15 @@ class _Elementwise(Accumulator):
         allowed = ("mean", "batchmean", "sum", "none")
         p = elementwise._prepare(operands[0], operands[1], data.get("weight"), data.get("pos_weight"), "sum",
                                  nthreads, allowed)
-        swl, sw = np.zeros(1), np.zeros(1)
         n = math.prod(p.shape)
-        if n:
-            nbad = _core.pointwise(op, param, p.x, p.t, p.w, None, None, p.x.ndim, swl, sw, None, p.nthreads,
-                                   param2, p.pw)
-            if nbad:
-                raise elementwise._domain_error(op, p)
+        num, _, nbad = _pointwise_sums(op, param, param2, p, p.pw)
+        if nbad:
+            raise elementwise._domain_error(op, p)
         if self.options["reduction"] == "batchmean":
             den = float(p.shape[0]) if len(p.shape) else 1.0
         else:
             den = float(n)
-        return float(swl[0]), den, p.loss_dtype == np.float64
+        return num, den, p.loss_dtype == np.float64
 
 
 class BCELoss(_Elementwise):
@@ -578,16 +602,33 @@ def _ce_rows(ce, want_rank: bool):
 
 
 def _rank_numpy(ce) -> np.ndarray:
-    """rank[r] = #{j: x_j > x_y or (x_j == x_y and j < y)}; -1 for ignored rows (fallback)."""
+    """rank[r] = #{j: x_j > x_y or (x_j == x_y and j < y)}, NaN above every number; -1 for
+    ignored rows.  The fallback for a build without the kernel's row_rank (softcap ignored)."""
     x = np.asarray(ce.x).reshape(-1, ce.V)
-    if ce.cap:
-        x = ce.cap * np.tanh(x.astype(np.float64) / ce.cap)
     t = ce.t
     active = t != ce.ignore_index
     ts = np.where(active, t, 0)
     xy = x[np.arange(x.shape[0]), ts][:, None]
-    rank = np.count_nonzero(x > xy, axis=1) + np.count_nonzero((x == xy) & (np.arange(ce.V) < ts[:, None]), axis=1)
+    before = np.arange(ce.V) < ts[:, None]
+    nan = np.isnan(x)
+    rank = np.where(np.isnan(xy[:, 0]), np.count_nonzero(nan & before, axis=1),
+                    np.count_nonzero((x > xy) | nan | ((x == xy) & before), axis=1))
     return np.where(active, rank, -1).astype(np.int64)
+
+
+def _ce_denominator(ce) -> float:
+    """The denominator of the one-shot mean (classification._CE.denominator), summed with fsum."""
+    n = math.prod(ce.rows_shape)
+    if ce.q is not None:
+        return _fsum(ce.sw) if ce.sw is not None else float(n)
+    active = ce.t != ce.ignore_index
+    if ce.cw is None and ce.sw is None:
+        return float(np.count_nonzero(active))
+    w_rows = np.where(active, ce.cw[np.where(active, ce.t, 0)] if ce.cw is not None else 1.0, 0.0)
+    if ce.sw is not None:
+        with np.errstate(invalid="ignore"):
+            w_rows = w_rows * np.where(active, ce.sw, 0.0)
+    return _fsum(w_rows)
 
 
 class CrossEntropy(Accumulator):
@@ -605,8 +646,8 @@ class CrossEntropy(Accumulator):
     * :meth:`accuracy`, :meth:`topk_accuracy`: the fraction of non-ignored rows whose target
       is the argmax (first index on ties, as ``np.argmax``) / among the k largest logits
       (ties ranked by index), unweighted, from the kernel's per-row rank of the target,
-      computed in the same pass.  A row with a NaN logit: comparisons with NaN are false, so
-      a NaN target logit has rank = #{j < y : x_j is NaN}, and NaN elsewhere do not count.
+      computed in the same pass.  NaN logits are ordered above every number (as ``np.argmax``):
+      a NaN elsewhere in the row makes it a miss, a NaN target logit ranks after the NaN before it.
       Class-probability targets have no accuracy (NaN).
     * :meth:`summary`: a dict of all of them.
 
@@ -615,7 +656,7 @@ class CrossEntropy(Accumulator):
     >>> _ = acc.update(np.array([[2.0, 1.0, 0.0]]), np.array([0]))
     >>> _ = acc.update(np.array([[2.0, 1.0, 0.0]]), np.array([1]))
     >>> acc.result(), acc.accuracy(), acc.topk_accuracy(2)
-    (np.float64(0.9076059644443805), 0.5, 1.0)
+    (np.float64(0.9076059644443806), 0.5, 1.0)
     """
     loss = "cross_entropy"
     _DEFAULTS = {"weight": None, "ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0, "z_loss": 0.0,
@@ -659,7 +700,7 @@ class CrossEntropy(Accumulator):
         ce = self._make(operands, data, nthreads)
         row_loss, rank = _ce_rows(ce, True)
         self._pending = (ce, rank)
-        return _fsum(row_loss), ce.denominator, ce.loss_dtype == np.float64
+        return _fsum(row_loss), _ce_denominator(ce), ce.loss_dtype == np.float64
 
     def update(self, *operands, **kw):
         super().update(*operands, **kw)
@@ -700,7 +741,7 @@ class CrossEntropy(Accumulator):
 
     def summary(self) -> dict:
         """Every statistic: loss, cross_entropy (the result), perplexity, accuracies, counts."""
-        out = {"loss": self.loss, "reduction": self.options["reduction"],
+        out = {"loss": self.loss, "reduction": self.options.get("reduction", "mean"),
                "cross_entropy": float(self.result()), "perplexity": float(self.perplexity()),
                "accuracy": self.accuracy()}
         for k in self.options["topk"]:
@@ -710,7 +751,7 @@ class CrossEntropy(Accumulator):
         return out
 
     def __repr__(self):
-        return (f"{type(self).__name__}(reduction={self.options['reduction']!r}, ignore_index="
+        return (f"{type(self).__name__}(reduction={self.options.get('reduction', 'mean')!r}, ignore_index="
                 f"{self.options['ignore_index']!r}, topk={self.options['topk']!r})<rows={self.n_rows}, "
                 f"tokens={self.n_tokens}, loss_sum={_value(self._num)!r}, denominator={_value(self._den)!r}>")
 

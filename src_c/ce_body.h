@@ -224,7 +224,8 @@ static inline void ce_prefetch_next(const void *next, int64_t remaining, size_t 
  * last two, sum w_j q'_j and sum w_j q'_j x_j. */
 typedef struct {
     double max, sumexp, wx, xt;
-    double wq, wqx;             /* soft targets only */
+    double wq, wqx;             /* soft targets only; with a hard target and row_rank, wq holds the
+                                   part's count toward the target's rank (an integer, exact) */
 } ce_stats;
 /* the few-long-rows path keeps FL_CE_STATS_DOUBLES doubles per part in the scratch */
 typedef char ce_stats_size_check[sizeof(ce_stats) == FL_CE_STATS_DOUBLES * sizeof(double) ? 1 : -1];
@@ -466,12 +467,56 @@ CE_BLOCK_MAXSUM(f64, double, ce_exp, ce_exp(v[i] - m))
 #define ce_block_maxsum_f16 ce_block_maxsum_f32     /* 16-bit rows are computed in float */
 #define ce_block_maxsum_bf16 ce_block_maxsum_f32
 
+/* Rank of the target among a block's classes (for top-k accuracy; see fl_ce_job.row_rank):
+ * #{i : v_i > xy, or v_i == xy and i < lim} with NaN ordered above every number (as np.argmax
+ * and np.sort), ties among NaN by index; lim = the target's position relative to the block,
+ * clamped to [0, nb].  Integer counts of comparisons: exact, and identical for every thread
+ * count and ISA given the same loaded values.  Non-inlined for the vectorizer. */
+#define CE_BLOCK_RANK(DT, R)                                                                   \
+    static __attribute__((noinline)) int64_t ce_block_rank_##DT(const R *v, int64_t nb, R xy,  \
+                                                                int64_t lim)                   \
+    {                                                                                          \
+        int64_t c = 0;                                                                         \
+        if (xy != xy) {               /* a NaN target logit: only the NaN before it rank higher */ \
+            for (int64_t i = 0; i < lim; i++) c += v[i] != v[i];                               \
+            return c;                                                                          \
+        }                                                                                      \
+        _Pragma("omp simd reduction(+:c)")                                                     \
+        for (int64_t i = 0; i < lim; i++) c += !(v[i] < xy);       /* >= or NaN */             \
+        _Pragma("omp simd reduction(+:c)")                                                     \
+        for (int64_t i = lim; i < nb; i++) c += !(v[i] <= xy);     /* > or NaN */              \
+        return c;                                                                              \
+    }
+CE_BLOCK_RANK(f32, float)
+CE_BLOCK_RANK(f64, double)
+#define ce_block_rank_f16 ce_block_rank_f32
+#define ce_block_rank_bf16 ce_block_rank_f32
+
+/* The target's (softcapped) logit in the compute type, bitwise as the stats pass sees it: its
+ * block is loaded by the same loader at the same block start.  part: the target's part, n
+ * its length, t_off the target's offset in it. */
+#define CE_TARGET_VALUE(DT, T, R)                                                              \
+    static double ce_target_value_##DT(const T *part, int64_t n, int64_t t_off, R cap, R inv_cap) \
+    {                                                                                          \
+        R buf[CE_BLOCK];                                                                       \
+        const int64_t b = t_off / CE_BLOCK * CE_BLOCK;                                         \
+        const int64_t nb = n - b < CE_BLOCK ? n - b : CE_BLOCK;                                \
+        const R *v = ce_load_##DT(part + b, buf, nb, cap, inv_cap);                            \
+        return (double)v[t_off - b];                                                           \
+    }
+CE_TARGET_VALUE(f16, fl_half, float)
+CE_TARGET_VALUE(bf16, fl_bf16, float)
+CE_TARGET_VALUE(f32, float, float)
+CE_TARGET_VALUE(f64, double, double)
+
 #define CE_PART_STATS(DT, T, R, EXP)                                                           \
     static void ce_part_stats_##DT(const T *x, int64_t n, int64_t t_off, int need_wx,         \
-                                   const double *cw, R cap, R inv_cap, ce_stats *st)           \
+                                   const double *cw, R cap, R inv_cap, int rank, R xy,         \
+                                   int64_t t_rel, ce_stats *st)                                \
     {                                                                                          \
         R buf[CE_BLOCK];                                                                       \
         double M = -INFINITY, S = 0.0, WX = 0.0;                                               \
+        int64_t C = 0;                                                                         \
         for (int64_t b = 0; b < n; b += CE_BLOCK) {                                            \
             const int64_t nb = n - b < CE_BLOCK ? n - b : CE_BLOCK;                            \
             ce_prefetch_next(x + b + nb, n - b - nb, sizeof(T));                               \
@@ -479,6 +524,10 @@ CE_BLOCK_MAXSUM(f64, double, ce_exp, ce_exp(v[i] - m))
             if (t_off >= b && t_off < b + nb) st->xt = (double)v[t_off - b];                   \
             R m, s, wx = 0;                                                                    \
             ce_block_maxsum_##DT(v, nb, (R)M, &m, &s);                                               \
+            if (rank) {               /* same pass: the block is in L1 */                      \
+                const int64_t lim = t_rel - b < 0 ? 0 : (t_rel - b > nb ? nb : t_rel - b);     \
+                C += ce_block_rank_##DT(v, nb, xy, lim);                                       \
+            }                                                                                  \
             if (!need_wx) {                                                                    \
             } else if (cw) {                                                                   \
                 double wxd = 0.0;                                                              \
@@ -495,6 +544,7 @@ CE_BLOCK_MAXSUM(f64, double, ce_exp, ce_exp(v[i] - m))
         st->max = M;                                                                           \
         st->sumexp = S;                                                                        \
         st->wx = WX;                                                                           \
+        st->wq = (double)C;                                                                    \
     }
 
 CE_PART_STATS(f16, fl_half, float, ce_expf)
@@ -793,7 +843,30 @@ static void ce_stats_part_soft(const fl_ce_job *J, int64_t r, int64_t part, ce_s
     }
 }
 
-static void ce_stats_part(const fl_ce_job *J, int64_t r, int64_t part, ce_stats *st)
+/* Whether row r's target rank is counted: row_rank requested and the row not ignored. */
+static inline int ce_rank_row(const fl_ce_job *J, int64_t r)
+{
+    return J->row_rank && J->target && J->target[r] != J->ignore_index;
+}
+
+/* Row r's target logit as the stats pass sees it (compute type, softcapped), read first so
+ * that the rank is counted in the same pass; 0 for rows without a counted rank. */
+static double ce_row_target_value(const fl_ce_job *J, int64_t r)
+{
+    if (!ce_rank_row(J, r)) return 0.0;
+    const int64_t t = J->target[r];
+    const ce_part_view P = ce_part(J, r, t / CE_PART);
+    const float cf = (float)P.cap, icf = (float)P.inv_cap;
+    switch (J->dtype) {
+    case FL_F16: return ce_target_value_f16((const fl_half *)P.row + P.j0, P.n, P.t_off, cf, icf);
+    case FL_BF16: return ce_target_value_bf16((const fl_bf16 *)P.row + P.j0, P.n, P.t_off, cf, icf);
+    case FL_F32: return ce_target_value_f32((const float *)P.row + P.j0, P.n, P.t_off, cf, icf);
+    default: return ce_target_value_f64((const double *)P.row + P.j0, P.n, P.t_off, P.cap, P.inv_cap);
+    }
+}
+
+/* xy: the row's target value (ce_row_target_value) when its rank is counted */
+static void ce_stats_part(const fl_ce_job *J, int64_t r, int64_t part, ce_stats *st, double xy)
 {
     if (J->soft_target) {
         ce_stats_part_soft(J, r, part, st);
@@ -803,12 +876,15 @@ static void ce_stats_part(const fl_ce_job *J, int64_t r, int64_t part, ce_stats 
     const int need_wx = J->target && J->label_smoothing != 0.0;
     const double *cw = (need_wx && J->class_weight) ? J->class_weight + P.j0 : NULL;
     const float cf = (float)P.cap, icf = (float)P.inv_cap;
+    const int rk = ce_rank_row(J, r);
+    const int64_t t_rel = rk ? J->target[r] - P.j0 : 0;
+    const float xyf = (float)xy;                  /* exact: xy came from a float */
     st->xt = 0.0;
     switch (J->dtype) {
-    case FL_F16: ce_part_stats_f16((const fl_half *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, st); break;
-    case FL_BF16: ce_part_stats_bf16((const fl_bf16 *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, st); break;
-    case FL_F32: ce_part_stats_f32((const float *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, st); break;
-    default: ce_part_stats_f64((const double *)P.row + P.j0, P.n, P.t_off, need_wx, cw, P.cap, P.inv_cap, st); break;
+    case FL_F16: ce_part_stats_f16((const fl_half *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st); break;
+    case FL_BF16: ce_part_stats_bf16((const fl_bf16 *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st); break;
+    case FL_F32: ce_part_stats_f32((const float *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st); break;
+    default: ce_part_stats_f64((const double *)P.row + P.j0, P.n, P.t_off, need_wx, cw, P.cap, P.inv_cap, rk, xy, t_rel, st); break;
     }
 }
 
@@ -831,6 +907,14 @@ static ce_row ce_finish_row(const fl_ce_job *J, int64_t r, const ce_stats *parts
     }
     R.lse = (M == -INFINITY) ? -INFINITY : M + log(S);
     if (J->row_lse) J->row_lse[r] = R.lse;
+    if (J->row_rank) {                        /* parts' counts, in order (integers: exact) */
+        int64_t rank = -1;
+        if (t != J->ignore_index) {
+            rank = 0;
+            for (int64_t k = 0; k < nparts; k++) rank += (int64_t)parts[k].wq;
+        }
+        J->row_rank[r] = rank;
+    }
     /* For the outputs: a +inf logit makes the whole row NaN (as torch's log_softmax and
      * cross_entropy); an all -inf row gives NaN through (x - M) = NaN. */
     R.M = M == INFINITY ? NAN : M;
@@ -929,6 +1013,7 @@ static int ce_run(const fl_ce_job *J, int nthreads)
     if (J->V < 1 || J->row_ndim < 0 || J->row_ndim > FL_MAX_NDIM) return FL_ERR_ARG;
     if ((int)J->dtype < 0 || J->dtype >= FL_NDTYPES) return FL_ERR_DTYPE;
     if (J->mode != FL_CE_OUT_NONE && !J->out) return FL_ERR_ARG;
+    if (J->row_rank && (J->mode != FL_CE_OUT_NONE || !J->target || J->soft_target)) return FL_ERR_ARG;
     if (J->soft_target) {                     /* q in the logits' dtype or their compute type */
         if (J->target) return FL_ERR_ARG;
         if (J->soft_dtype != J->dtype && !ce_soft_is_compute(J)) return FL_ERR_DTYPE;
@@ -958,7 +1043,8 @@ static int ce_run(const fl_ce_job *J, int nthreads)
 #endif
         for (int64_t r = 0; r < n_rows; r++) {
             ce_stats st[CE_STACK_PARTS];
-            for (int64_t k = 0; k < nparts; k++) ce_stats_part(J, r, k, &st[k]);
+            const double xy = ce_row_target_value(J, r);      /* the target logit first (rank) */
+            for (int64_t k = 0; k < nparts; k++) ce_stats_part(J, r, k, &st[k], xy);
             ce_row R = ce_finish_row(J, r, st, nparts);
             if (J->mode != FL_CE_OUT_NONE)
                 for (int64_t k = 0; k < nparts; k++) ce_out_part(J, r, k, &R);
@@ -977,7 +1063,8 @@ static int ce_run(const fl_ce_job *J, int nthreads)
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t it = 0; it < items; it++) ce_stats_part(J, it / nparts, it % nparts, &st[it]);
+        for (int64_t it = 0; it < items; it++)
+            ce_stats_part(J, it / nparts, it % nparts, &st[it], ce_row_target_value(J, it / nparts));
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif

@@ -146,6 +146,16 @@ typedef struct {
     double *row_loss, *row_lse;
     double *scratch;
     int64_t *bad_row;                        /* 1 element: first row with a bad target */
+    /* n_rows int64 or NULL.  If set (mode FL_CE_OUT_NONE with a class-index target only, else
+     * FL_ERR_ARG): row_rank[r] = #{j : x_j > x_y or (x_j == x_y and j < y)} over the
+     * (softcapped) logits in the compute type, y = target[r]; -1 for ignored rows.  Rank 0 <=>
+     * argmax == y with first-index ties (np.argmax); top-k hit <=> rank < k.  NaN is ordered
+     * above every number (as np.argmax / np.sort), ties among NaN by index: a NaN target logit
+     * has rank #{j < y : x_j is NaN}, a NaN elsewhere outranks a numeric target.  Counted in
+     * the stats pass (the target logit is read first); exact integers, independent of threads
+     * (with a softcap the capped values may differ between ISAs in the last bit, and so may a
+     * rank on such near-ties). */
+    int64_t *row_rank;
 } fl_ce_job;
 
 int64_t fl_ce_scratch_len(int64_t n_rows, int64_t V);
