@@ -178,7 +178,6 @@ class _Operands:
         self.arrays = [first]
         self.indices = [self.full_index]
         self.roles = ["first"]
-        self.constants = {}   # name -> zero-size NumPy stand-in for validation
         for name, role in spec.roles.items():
             x = arrays.get(name)
             if x is None:
