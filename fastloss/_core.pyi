@@ -29,4 +29,5 @@ def cross_entropy_rows(logits: npt.NDArray[Any], out: npt.NDArray[Any] | None, m
                        weight_sum: float, sample_weight: npt.NDArray[np.float64] | None, ignore_index: int,
                        label_smoothing: float, z_loss: float, softcap: float, grad_scale: float,
                        row_loss: npt.NDArray[np.float64] | None, row_lse: npt.NDArray[np.float64] | None,
-                       nthreads: int, soft_target: npt.NDArray[Any] | None = None) -> None: ...
+                       nthreads: int, soft_target: npt.NDArray[Any] | None = None,
+                       row_rank: npt.NDArray[np.int64] | None = None) -> None: ...
