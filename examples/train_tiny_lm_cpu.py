@@ -33,11 +33,13 @@ def make_corpus(vocab: int, length: int, seed: int) -> torch.Tensor:
     choice = torch.multinomial(probs, length, replacement=True, generator=g)
     noise = torch.rand(length, generator=g) < 0.05          # 5 % uniformly random tokens
     random_tokens = torch.randint(0, vocab, (length,), generator=g)
-    out = torch.empty(length, dtype=torch.int64)
+    succ, ch, rnd, nz = successors.tolist(), choice.tolist(), random_tokens.tolist(), noise.tolist()
+    out = []
     tok = 0
-    for i in range(length):                                  # a few 10k steps of Python: fine
-        tok = int(random_tokens[i]) if noise[i] else int(successors[tok, choice[i]])
-        out[i] = tok
+    for i in range(length):
+        tok = rnd[i] if nz[i] else succ[tok][ch[i]]
+        out.append(tok)
+    out = torch.tensor(out, dtype=torch.int64)
     return out
 
 
