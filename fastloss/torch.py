@@ -17,6 +17,9 @@ N x V buffer besides the logits (torch keeps the log-softmax *and* its gradient)
   (autograd owns it after the first), so the gradient is recomputed from the saved inputs
   (saved with ``ctx.save_for_backward``: torch's in-place modification check applies).
 * The functions are ``once_differentiable``: double backward raises a clear error.
+* With grad enabled and ``input.requires_grad``, the gradient is computed in the forward call
+  even if ``backward`` never runs (as torch keeps its log-softmax for backward); use
+  ``torch.no_grad()`` for evaluation.
 * Returned losses have torch's dtype (the input's; the kernels compute 16-bit inputs in float32
   and the result is rounded once).
 * ``num_threads=None`` uses ``torch.get_num_threads()``, so a script's thread setting applies to
@@ -108,7 +111,9 @@ def _unsupported(name: str, input, others=(), no_grad=()):
     """The reason to fall back to torch, or None.  `others`: tensors that must be CPU; `no_grad`:
     (argument name, tensor) pairs that must not require grad."""
     if not isinstance(input, torch.Tensor):
-        return None         # let the NumPy layer raise its TypeError naming the argument
+        arg = "student_logits" if name == "kl_div_logits" else "input"
+        raise TypeError(f"fastloss.torch.{name}: {arg} must be a torch.Tensor, got {type(input).__name__} "
+                        f"(use fastloss.{name} for NumPy arrays)")
     for t in (input, *others):
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
             return f"{t.device.type} tensors (fastloss runs on CPU)"

@@ -540,6 +540,16 @@ def test_bad_input_raises_before_any_work():
         flt.kl_div_logits(x, torch.zeros(4, 5), temperature=-1.0)
     with pytest.raises(ValueError, match="num_threads|threads"):
         flt.mse_loss(x, torch.zeros(4, 5), num_threads=0)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        flt.cross_entropy(np.zeros((4, 5)), torch.tensor([0, 1, 2, 2]))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        flt.mse_loss([1.0, 2.0], torch.zeros(2))
+    with pytest.raises(TypeError, match="student_logits must be a torch.Tensor"):
+        flt.kl_div_logits(np.zeros((2, 3)), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="target"):
+        flt.cross_entropy(x, "abc")
+    with pytest.raises(ValueError, match="reduction"):
+        flt.kl_div_logits(x, torch.zeros(4, 5), reduction="avg")
     assert x.grad is None
 
 
