@@ -85,10 +85,12 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=None, help="torch and fastloss threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and fastloss threads (default 1: on a loaded machine, spinning OpenMP workers "
+                         "make multi-threaded steps of this tiny model up to 10x slower; 0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.threads is not None:
+    if args.threads:
         torch.set_num_threads(args.threads)
     corpus = make_corpus(args.vocab, 10000, args.seed)
     # the same initial weights and batches for both; steps interleaved so both see the same machine load
