@@ -51,7 +51,11 @@ def _build_parser() -> argparse.ArgumentParser:
                     "hinge_loss, kl_div at 1e7 elements; dpo_loss at B = 64 and 4096) and family rows\n"
                     "(multi_margin_loss and kl_div_logits at 512x32000, sequence_log_probs at (8, 256, 32000),\n"
                     "triplet_margin_loss at 4096x512, info_nce_loss at 2048x256; --loss NAME or --full: the\n"
-                    "sizes of issue 6, e.g. 2048x32000 and 512x128256), float32, forward and with-grad.",
+                    "sizes of issue 6, e.g. 2048x32000 and 512x128256), float32, forward and with-grad.\n\n"
+                    "With PyTorch installed, the default run also times a training step: logits 8192x32000 float32\n"
+                    "(a leaf that requires grad) -> fastloss.torch.cross_entropy or F.cross_entropy -> backward\n"
+                    "(about 30 s); --loss training_step (or --full) adds bfloat16 and the peak memory of both at\n"
+                    "8192x128256 (measured in fresh processes; torch needs about 16 GiB there).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--quick", action="store_true",
                    help="only sizes 1e6 and 1e7 (cross-entropy: 1x262144 and 32768x1024), fewer repeats")
@@ -59,8 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="every loss, the whole cross-entropy set (shapes, modes; NumPy at every float32 shape) "
                         "and float32 and float16 for both families: several minutes")
     b.add_argument("--loss", action="append", metavar="NAME",
-                   help="a loss to time, or a family: regression, classification, elementwise, rows (repeatable "
-                        "or comma-separated; default: all; cross_entropy or a row loss selects its whole set)")
+                   help="a loss to time, or a family: regression, classification, elementwise, rows, or "
+                        "training_step (the PyTorch training step; repeatable or comma-separated; default: all; "
+                        "cross_entropy, a row loss or training_step selects its whole set)")
     b.add_argument("--threads", metavar="LIST", default=None,
                    help="comma-separated thread counts (default: 1 and all, i.e. fastloss's default thread "
                         "count: the cores, or OMP_NUM_THREADS)")
@@ -121,15 +126,26 @@ def _bench_options(args):
     from fastloss import _core, bench
 
     losses = None
+    training = None
     if args.loss:
-        names = [n for item in args.loss for n in item.split(",") if n.strip()]
+        names = [n.strip() for item in args.loss for n in item.split(",") if n.strip()]
+        if any(n in bench.TRAINING_NAMES for n in names):
+            training = "full"
+            names = [n for n in names if n not in bench.TRAINING_NAMES]
         try:
-            losses = bench.resolve_losses(names)
+            losses = bench.resolve_losses(names) if names else []
         except ValueError as exc:
-            raise _UsageError(str(exc)) from None
+            raise _UsageError(f"{exc} (or training_step: the PyTorch training step)") from None
     chosen = [name for name, on in (("--full", args.full), ("--quick", args.quick), ("--smoke", args.smoke)) if on]
     if len(chosen) > 1:
         raise _UsageError(f"{' and '.join(chosen)} exclude each other")
+    if args.loss is None or training:
+        training = "smoke" if args.smoke else "quick" if args.quick else "full" if (args.full or training) \
+            else "default"
+    if args.no_torch or not bench.torch_available():
+        if training and losses == []:
+            raise _UsageError("the training step needs PyTorch (pip install torch) and not --no-torch")
+        training = None
     if args.smoke:
         preset = "smoke"
     elif args.quick:
@@ -186,7 +202,7 @@ def _bench_options(args):
                          repeat=args.repeat, json_path=args.json, torch=not args.no_torch, preset=preset,
                          shapes=shapes, dtypes=dtypes, modes=modes, markdown_path=args.markdown,
                          plot_path=args.plot, compare=compare, smoke=args.smoke,
-                         sizes_given=args.sizes is not None)
+                         sizes_given=args.sizes is not None, training=training)
     try:
         opts.cases()  # every remaining check (dtypes, modes that apply to no selected loss), before any work
     except ValueError as exc:

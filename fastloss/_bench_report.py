@@ -269,7 +269,7 @@ def blocks(report: dict) -> list[tuple]:
         total = report["options"].get("total_cases")
         out.append(("para", f"INTERRUPTED (Ctrl-C): {len(recs)}{f' of {total}' if total else ''} cases finished; "
                             "the tables below hold those."))
-    if not recs:
+    if not recs and not (report.get("training_step") or report["options"].get("training_only")):
         out.append(("para", "no case finished."))
     has_torch = any(r["torch"] for r in recs)
     first_isa = report["options"]["isas"][0]
@@ -285,6 +285,7 @@ def blocks(report: dict) -> list[tuple]:
         if frecs:
             out.append(("heading", titles[fam]))
             out.append(("table", *_family_table(frecs, fam, first_isa, has_torch)))
+    out += _training_blocks(report.get("training_step"))
     rb = report.get("read_bandwidth") or {}
     if rb:
         nbytes = next(iter(rb.values()))["bytes"]
@@ -336,6 +337,36 @@ def _wrap(text: str, width: int = 112) -> list[str]:
     """A note paragraph, wrapped, continuation lines indented by two spaces."""
     return textwrap.wrap(text, width=width, subsequent_indent="  ", break_on_hyphens=False,
                          break_long_words=False) or [""]
+
+
+def _training_blocks(tr: dict | None) -> list[tuple]:
+    """The PyTorch training step (fastloss._bench_torch): speed per shape, dtype and thread count,
+    and peak extra memory per provider."""
+    if not tr or not (tr.get("speed") or tr.get("memory")):
+        return []
+    out = [("heading", "PyTorch training step: logits (leaf, requires grad) -> cross-entropy -> backward")]
+    if tr.get("speed"):
+        head = ("shape", "dtype", "threads", "fastloss.torch", "F.cross_entropy", "x torch", "load")
+        rows = [(r["shape"], r["dtype"], str(r["threads"]), f"{r['fastloss_s'] * 1e3:.1f}",
+                 f"{r['torch_s'] * 1e3:.1f}", _ratio(r["speedup"]), f"{r['loadavg']:.1f}") for r in tr["speed"]]
+        out.append(("table", head, rows, {"shape", "dtype"}))
+    if tr.get("memory"):
+        by = {}
+        for r in tr["memory"]:
+            by.setdefault((r["shape"], r["dtype"]), {})[r["provider"]] = r["peak_bytes"]
+        head = ("shape", "dtype", "fastloss.torch GiB", "F.cross_entropy GiB", "saved GiB")
+        rows = []
+        for (shape, dtype), m in by.items():
+            fl, th = m.get("fastloss"), m.get("torch")
+            gib = (lambda v: "-" if v is None else f"{v / 2 ** 30:.2f}")
+            rows.append((shape, dtype, gib(fl), gib(th), "-" if fl is None or th is None else gib(th - fl)))
+        out.append(("table", head, rows, {"shape", "dtype"}))
+    out.append(("note", "median milliseconds of one step (forward, backward, logits.grad = None), both providers "
+                        "timed interleaved at the same thread count (torch.set_num_threads); memory: extra peak "
+                        "resident memory of one step in a fresh process (ru_maxrss after the step minus after "
+                        "the inputs were made). fastloss.torch computes the gradient in the forward call and keeps "
+                        "only it; F.cross_entropy keeps log_softmax and builds its gradient in backward."))
+    return out
 
 
 def format_text(report: dict) -> str:

@@ -1066,10 +1066,58 @@ class Options:
     compare: tuple | None = None   # (path, the report read from it): --compare
     smoke: bool = False            # tiny cases, 2 calls each, a small read-bandwidth probe (the tests)
     sizes_given: bool = False      # --sizes given: it also replaces the elementwise losses' own sizes
+    training: str | None = None    # the PyTorch training step (TRAINING_PRESETS key), or None: not timed
 
     def cases(self) -> list[Case]:
+        if self.losses == []:      # only the training step was asked for
+            return []
         return cases(self.losses, self.sizes, self.threads, self.modes, None, self.isas, self.shapes,
                      self.dtypes, self.preset, self.sizes_given)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPreset:
+    """The PyTorch training step of one kind of run (``fastloss._bench_torch``): logits (a leaf that
+    requires grad) -> ``fastloss.torch.cross_entropy`` or ``F.cross_entropy`` -> backward, timed
+    interleaved at each thread count; ``memory``: (shape, dtype) pairs whose peak extra memory is
+    measured per provider in a fresh process."""
+    shapes: tuple
+    dtypes: tuple
+    repeats: int
+    memory: tuple = ()
+
+
+#: ``--loss training_step`` (or ``--full``) runs "full": the targets of issue 7 (float32 and bfloat16
+#: at 8192x32000, peak memory at 8192x128256: torch needs ~16 GiB there).
+TRAINING_PRESETS = {
+    "default": TrainingPreset(((8192, 32000),), ("float32",), 3),
+    "quick": TrainingPreset(((2048, 32000),), ("float32",), 3),
+    "full": TrainingPreset(((8192, 32000),), ("float32", "bfloat16"), 5,
+                           (((8192, 128256), "float32"), ((8192, 128256), "bfloat16"))),
+    "smoke": TrainingPreset(((16, 1000),), ("float32",), 1, (((16, 1000), "float32"),)),
+}
+TRAINING_NAMES = ("training_step", "training")
+
+
+def run_training(opts: Options, status: Callable[[str], None] | None = None) -> dict:
+    """The training-step section of the report: ``{"speed": [...], "memory": [...]}``."""
+    from fastloss import _bench_torch
+
+    pre = TRAINING_PRESETS[opts.training]
+    shapes = opts.shapes or pre.shapes
+    dtypes = tuple(d for d in (opts.dtypes or pre.dtypes) if d in ("float32", "float64", "float16", "bfloat16"))
+    repeats = opts.repeat or pre.repeats
+    if status:
+        status("timing the PyTorch training step")
+    speed = _bench_torch.training_step_cases(shapes, dtypes, opts.threads, repeats)
+    memory = []
+    for shape, dtype in pre.memory:
+        for provider in _bench_torch.PROVIDERS:
+            if status:
+                status(f"peak memory of the training step: {format_shape(shape)} {dtype} {provider}")
+            memory.append({"shape": format_shape(shape), "dtype": dtype, "provider": provider,
+                           "peak_bytes": _bench_torch.peak_memory(shape, dtype, provider, max(opts.threads))})
+    return {"speed": speed, "memory": memory}
 
 
 def _isatty(stream) -> bool:
@@ -1198,7 +1246,9 @@ def _report_options(opts: Options, all_cases: list[Case], isas: list, use_torch:
             "other_losses": list(dict.fromkeys(c.loss for c in field)),
             "numpy_max_elements": CE_PRESETS[opts.preset].numpy_max,
             "regression_numpy_max_elements": REGRESSION_NUMPY_MAX,
-            "total_cases": len(all_cases)}
+            "total_cases": len(all_cases),
+            "training": opts.training if use_torch else None,
+            "training_only": opts.losses == []}
 
 
 def run(opts: Options, out=None, err=None) -> dict:
@@ -1215,8 +1265,8 @@ def run(opts: Options, out=None, err=None) -> dict:
     err = err or sys.stderr
     wall0 = time.perf_counter()
     isas = opts.isas or [_core.get_isa()]
-    all_cases = cases(opts.losses, opts.sizes, opts.threads, opts.modes, None, isas, opts.shapes,
-                      opts.dtypes, opts.preset, opts.sizes_given)
+    all_cases = [] if opts.losses == [] else cases(opts.losses, opts.sizes, opts.threads, opts.modes, None, isas,
+                                                   opts.shapes, opts.dtypes, opts.preset, opts.sizes_given)
     numpy_max = CE_PRESETS[opts.preset].numpy_max
     use_torch = opts.torch and torch_available()
     env = environment(opts.threads, isas)
@@ -1246,7 +1296,7 @@ def run(opts: Options, out=None, err=None) -> dict:
                    if g[0].n * np.dtype(g[0].dtype).itemsize < RSS_IN_PROCESS_MIN_BYTES]
     if not (use_torch and rss_ok):
         torch_small = []
-    helper_group = max(groups, key=lambda g: groups[g][0].n * np.dtype(groups[g][0].dtype).itemsize)
+    helper_group = max(groups, key=lambda g: groups[g][0].n * np.dtype(groups[g][0].dtype).itemsize, default=None)
     helper, torch_sub, pending = None, {}, []
 
     records, bw = [], {}
@@ -1304,6 +1354,8 @@ def run(opts: Options, out=None, err=None) -> dict:
             progress.group_done()
             provs = x = t = None  # the providers hold the group's scratch buffer
         inputs.clear()
+        if opts.training and use_torch:
+            report["training_step"] = run_training(opts, progress.status)
         progress.status("measuring the read bandwidth again")
         measure_read_bandwidth(opts.threads, bw_bytes, bw_rounds, into=bw)
     except KeyboardInterrupt:

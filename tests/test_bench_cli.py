@@ -66,8 +66,8 @@ def test_smoke_run_prints_header_and_tables(smoke, report):
     for loss in ROW_LOSSES:
         assert re.search(rf"^{loss}\s+\d+x\d+\s+forward\s+1\s", out, re.MULTILINE), f"no {loss} row"
     assert re.search(r"^4x1000\s+float16\s+with-grad\s+1\s", out, re.MULTILINE)
-    # one table row per case
-    rows = [line for line in out.splitlines()
+    # one table row per case (the training step's own tables come after them)
+    rows = [line for line in out.split("PyTorch training step")[0].splitlines()
             if re.match(r"^(\w+\s+(1e[34]|64|\d+x\d+)\s|\d+x\d+\s+float)", line)]
     assert len(rows) == len(report["cases"])
     assert "tracemalloc" in out and ("peak RSS" in out or not HAVE_TORCH)  # how memory was measured is said
@@ -138,14 +138,14 @@ def test_markdown_report(smoke, report):
     assert "### regression" in text and "### cross-entropy" in text
     assert "### elementwise losses" in text and "### row losses" in text
     tables = _markdown_tables(text)
-    assert len(tables) == 4
+    assert len(tables) == 4 + (2 if HAVE_TORCH else 0)       # + the training step's speed and memory
     cells = lambda line: re.split(r"(?<!\\)\|", line)[1:-1]  # noqa: E731 (pipes in cells are escaped)
     for table in tables:
         assert all(line.endswith("|") for line in table)
         assert re.fullmatch(r"\|(:?-{3,}:?\|)+", table[1]), table[1]
         width = len(cells(table[0]))
         assert all(len(cells(line)) == width for line in table), "rows of unequal length"
-    assert sum(len(t) - 2 for t in tables) == len(report["cases"])
+    assert sum(len(t) - 2 for t in tables[:4]) == len(report["cases"])
     assert "\r" not in text and "\x1b" not in text
 
 
@@ -324,3 +324,41 @@ def test_progress_on_a_pipe_is_one_line_per_case():
     p.group_done()
     p.close()
     assert stream.getvalue() == "[1/2] first\n[2/2] second\n"
+
+
+# ---- the PyTorch training step (issue 7) --------------------------------------------------------
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="the training step needs PyTorch")
+def test_default_smoke_run_includes_the_training_step(smoke, report):
+    tr = report["training_step"]
+    assert report["options"]["training"] == "smoke"
+    assert [(r["shape"], r["dtype"], r["threads"]) for r in tr["speed"]] == [("16x1000", "float32", 1),
+                                                                              ("16x1000", "float32", 2)]
+    for r in tr["speed"]:
+        assert r["fastloss_s"] > 0 and r["torch_s"] > 0
+        assert r["speedup"] == pytest.approx(r["torch_s"] / r["fastloss_s"])
+    assert {m["provider"] for m in tr["memory"]} == {"fastloss", "torch"}
+    assert all(isinstance(m["peak_bytes"], int) for m in tr["memory"])
+    out = smoke[0].stdout
+    assert "PyTorch training step" in out and "F.cross_entropy" in out
+    assert "PyTorch training step" in (smoke[1] / "run.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="the training step needs PyTorch")
+def test_loss_training_step_alone(tmp_path):
+    r = bench(["--smoke", "--loss", "training_step", "--threads", "1", "--json", "t.json"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert rep["cases"] == [] and rep["options"]["training_only"]
+    assert [r["threads"] for r in rep["training_step"]["speed"]] == [1]
+    assert "no case finished" not in r.stdout
+
+
+def test_no_torch_leaves_the_training_step_out(tmp_path, capsys):
+    from fastloss.__main__ import main
+    assert main(["bench", "--loss", "training_step", "--no-torch"]) == 2
+    assert "needs PyTorch" in capsys.readouterr().err
+    r = bench(SMALL + ["--json", "s.json"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert "training_step" not in rep and rep["options"]["training"] is None
