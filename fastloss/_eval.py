@@ -18,7 +18,9 @@ Readers (``reader=``):
   thread while the kernel (GIL released) runs on this one.
 * ``"read"``: ``readinto`` two reused buffers alternately, the next one filled by the helper
   thread (the only reader for deflated ``.npz`` members: they are decompressed window by
-  window).
+  window; also used for a stored ``.npz`` member whose data offset, which depends on the
+  member name's length, is not a multiple of its itemsize: mapped, each window would need an
+  aligning copy on top).
 
 Measured on the 2-core VM with 4 GB of float32 logits, page cache warm (load average 5.5,
 ``benchmarks/eval_throughput.py``), against the in-memory ``cross_entropy`` (3.1 GB/s): mmap
@@ -144,7 +146,12 @@ class ArraySource:
     def reader(self, kind: str):
         if self.offset is None:
             return _StreamReader(self)
-        return _MmapReader(self) if kind == "mmap" else _ReadintoReader(self)
+        if kind == "mmap" and self.offset % self.dtype.itemsize == 0:
+            return _MmapReader(self)
+        # readinto, or a .npz member stored at an offset that is not a multiple of its itemsize (it
+        # depends on the member name's length): mapped, every window would be copied to align it,
+        # while readinto fills aligned buffers with one copy
+        return _ReadintoReader(self)
 
     def close(self):
         if self._zip is not None:
@@ -152,7 +159,7 @@ class ArraySource:
 
 
 class _MmapReader:
-    """Rows [r0, r1) as a private mapping of just those bytes (MAP_POPULATE: pages present)."""
+    """Rows [r0, r1) as a read-only shared mapping of just those bytes (MAP_POPULATE: pages present)."""
 
     def __init__(self, src: ArraySource):
         self.src = src
@@ -169,8 +176,6 @@ class _MmapReader:
         mm = mmap.mmap(self.fd, length + (start - base), flags=self.flags, prot=mmap.PROT_READ, offset=base)
         a = np.frombuffer(mm, dtype=s.dtype, count=(r1 - r0) * math.prod(s.row_shape), offset=start - base)
         a = a.reshape((r1 - r0,) + s.row_shape)
-        if not a.flags.aligned:         # a .npz member at an odd offset: the kernels need aligned data
-            a = a.copy()
         return a, mm
 
     @staticmethod
@@ -332,6 +337,17 @@ def _flat_rows(src: ArraySource, keep: int):
     src.row_bytes = math.prod(src.row_shape) * src.dtype.itemsize
 
 
+def _json_safe(value):
+    """NaN and infinities as null (strict JSON has no NaN): e.g. the mean of an empty input."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def evaluate(loss: str, input, target, *, chunk_rows: int | None = None, reader: str = "mmap",
              progress: bool = False, num_threads=None, prefetch: bool | None = None, **options):
     """Stream ``loss`` over the arrays stored in the files `input` and `target` (paths, see the
@@ -484,7 +500,7 @@ def run(args) -> int:
         return 2
     out = _result_dict(acc, info)
     if args.json:
-        print(json.dumps(out, allow_nan=True))
+        print(json.dumps(_json_safe(out), allow_nan=False))
     else:
         print(format_result(out))
     return 0

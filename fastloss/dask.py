@@ -47,7 +47,10 @@ import numpy as np
 try:
     import dask
     import dask.array as da
-    from dask._task_spec import Task, TaskRef
+    try:                                            # public since dask 2025.1
+        from dask.task_spec import Task, TaskRef
+    except ImportError:                             # 2024.12 (the extra's floor)
+        from dask._task_spec import Task, TaskRef
     from dask.highlevelgraph import HighLevelGraph
 except ImportError as _exc:  # pragma: no cover - exercised only without dask
     raise ImportError(
@@ -243,10 +246,15 @@ def _split_blocks(layout, blocks):
     return pos, ctor, kw
 
 
+#: the cross-entropy accumulators also count top-k accuracy by default (a rank per row, 5-15 % of the
+#: kernel's time); the Dask functions return the loss only, so they turn it off
+_NO_RANK = {"cross_entropy": {"topk": None}, "perplexity": {"topk": None}}
+
+
 def _block_state(*blocks, loss, options, layout, num_threads):
     """One block -> an accumulator holding its float64 sums."""
     pos, ctor, kw = _split_blocks(layout, blocks)
-    acc = _metrics().accumulator(loss, **options, **ctor)
+    acc = _metrics().accumulator(loss, **options, **ctor, **_NO_RANK.get(loss, {}))
     return acc.update(*pos, num_threads=_kernel_threads(num_threads), **kw)
 
 
@@ -345,7 +353,7 @@ def _reduce(loss: str, arrays: dict, options: dict, *, num_threads=None, split_e
                          f"axis only (got chunks {ops.first.chunks}); rechunk, e.g. input.rechunk({{1: -1}}) for 2-d, "
                          f"or use reduction='sum' and divide")
     # 2. one accumulator per block (the accumulator accepts these options: checked here, once)
-    _metrics().accumulator(loss, **options, **ctor)
+    _metrics().accumulator(loss, **options, **ctor, **_NO_RANK.get(loss, {}))
     out_index = ops.rows_index
     states = da.blockwise(_block_state, out_index, *pairs, name=f"fastloss-{loss}-state-{token}",
                           dtype=object, concatenate=True, meta=np.empty((0,) * len(out_index), dtype=object),

@@ -577,46 +577,20 @@ def _check_topk(topk) -> tuple:
     return tuple(sorted(set(out)))
 
 
-_RANK_KERNEL = None     # whether _core.cross_entropy_rows takes row_rank (decided at first use)
-
-
 def _ce_rows(ce, want_rank: bool):
-    """Row losses (float64) and, for a hard target, each row's rank of its target (-1: ignored)."""
-    global _RANK_KERNEL
+    """Row losses (float64) and, for a hard target, each row's rank of its target (-1: ignored),
+    counted by the kernel in the pass that reads the row (``fl_ce_job.row_rank``)."""
     n = math.prod(ce.rows_shape)
     row_loss = np.empty(n, dtype=np.float64)
     rank = np.empty(n, dtype=np.int64) if (want_rank and ce.t is not None) else None
     if ce.x.size:
-        args = (ce.x, None, "none", ce.t, ce.cw, classification._sum(ce.cw) if ce.cw is not None else float(ce.V),
-                ce.sw, ce.ignore_index, ce.ls, ce.z, ce.cap, 1.0, row_loss, None, ce.nthreads, ce.q)
-        if rank is not None and _RANK_KERNEL is not False:
-            try:
-                _core.cross_entropy_rows(*args, row_rank=rank)
-                _RANK_KERNEL = True
-                return row_loss, rank
-            except TypeError:
-                _RANK_KERNEL = False
-        _core.cross_entropy_rows(*args)
-        if rank is not None:
-            rank = _rank_numpy(ce)
+        _core.cross_entropy_rows(ce.x, None, "none", ce.t, ce.cw,
+                                 classification._sum(ce.cw) if ce.cw is not None else float(ce.V),
+                                 ce.sw, ce.ignore_index, ce.ls, ce.z, ce.cap, 1.0, row_loss, None, ce.nthreads, ce.q,
+                                 row_rank=rank)
     elif rank is not None:
         rank[:] = np.where(ce.t == ce.ignore_index, -1, 0)
     return row_loss, rank
-
-
-def _rank_numpy(ce) -> np.ndarray:
-    """rank[r] = #{j: x_j > x_y or (x_j == x_y and j < y)}, NaN above every number; -1 for
-    ignored rows.  The fallback for a build without the kernel's row_rank (softcap ignored)."""
-    x = np.asarray(ce.x).reshape(-1, ce.V)
-    t = ce.t
-    active = t != ce.ignore_index
-    ts = np.where(active, t, 0)
-    xy = x[np.arange(x.shape[0]), ts][:, None]
-    before = np.arange(ce.V) < ts[:, None]
-    nan = np.isnan(x)
-    rank = np.where(np.isnan(xy[:, 0]), np.count_nonzero(nan & before, axis=1),
-                    np.count_nonzero((x > xy) | nan | ((x == xy) & before), axis=1))
-    return np.where(active, rank, -1).astype(np.int64)
 
 
 def _ce_denominator(ce) -> float:
@@ -652,7 +626,9 @@ class CrossEntropy(Accumulator):
       (ties ranked by index), unweighted, from the kernel's per-row rank of the target,
       computed in the same pass.  NaN logits are ordered above every number (as ``np.argmax``):
       a NaN elsewhere in the row makes it a miss, a NaN target logit ranks after the NaN before it.
-      Class-probability targets have no accuracy (NaN).
+      Class-probability targets have no accuracy (NaN).  With ``softcap`` the ranks are of the
+      capped logits (what the loss sees): logits that saturate the cap tie and are then ordered
+      by index, so a raw argmax can count as a miss.
     * :meth:`summary`: a dict of all of them.
 
     >>> import numpy as np
@@ -716,6 +692,8 @@ class CrossEntropy(Accumulator):
             self.n_tokens += int(np.count_nonzero(active))
             for k in self._hits:
                 self._hits[k] += int(np.count_nonzero(active & (rank < k)))
+        elif ce.t is not None:          # topk=None: no rank, but the tokens are still counted
+            self.n_tokens += int(np.count_nonzero(ce.t != ce.ignore_index))
         return self
 
     def merge(self, other):
@@ -748,7 +726,8 @@ class CrossEntropy(Accumulator):
     def summary(self) -> dict:
         """Every statistic: loss, cross_entropy (the result), perplexity, accuracies, counts."""
         out = {"loss": self.loss, "reduction": self.options.get("reduction", "mean"),
-               "cross_entropy": float(self.result()), "perplexity": float(self.perplexity())}
+               "cross_entropy": float(_cast(self._mean_or_sum(), self._f64)),
+               "perplexity": float(self.perplexity())}
         if self._hits:
             out["accuracy"] = self.accuracy()
         for k in self.options["topk"]:

@@ -30,8 +30,9 @@ N x V buffer besides the logits (torch keeps the log-softmax *and* its gradient)
   function instead, with one :class:`FallbackWarning` per (function, reason).
 
 Layouts: for inputs of rank >= 2 the classes are on dim 1, as in torch.  (N, C) and (C,) logits
-are read in place; (N, C, d1, ...) logits have a strided class axis, which the row kernel
-cannot read, so they cost one copy of the logits (the gradient is then returned as a strided
+whose class axis is contiguous are read in place (any row stride); (N, C, d1, ...) logits, or
+(N, C) logits with a strided class axis (e.g. a transposed tensor), cannot be read by the row
+kernel, so they cost one copy of the logits (the gradient is then returned as a strided
 view of a (N, d1, ..., C) buffer).
 
 Module classes subclass the corresponding ``torch.nn`` loss classes (``isinstance`` checks,
@@ -170,7 +171,10 @@ class _FusedLoss(torch.autograd.Function):
         loss, grad = call.forward_with_grad(input, tensors)
         ctx.call = call
         ctx.grad = grad
-        ctx.save_for_backward(input, *tensors)
+        # save_for_backward takes tensors (or None) only: other operands (a float sample_weight, a NumPy
+        # target) are kept on ctx as they are
+        ctx.others = tuple(None if t is None or isinstance(t, torch.Tensor) else t for t in tensors)
+        ctx.save_for_backward(input, *(t if t is None or isinstance(t, torch.Tensor) else None for t in tensors))
         return loss
 
     @staticmethod
@@ -179,7 +183,8 @@ class _FusedLoss(torch.autograd.Function):
         call = ctx.call
         grad, ctx.grad = ctx.grad, None     # from now on autograd may own (and accumulate into) it
         if grad is None:                    # a second backward (retain_graph=True): recompute
-            input, *tensors = ctx.saved_tensors
+            input, *saved = ctx.saved_tensors
+            tensors = tuple(o if o is not None else t for t, o in zip(saved, ctx.others))
             grad = call.forward_with_grad(input, tensors)[1]
         go = grad_output
         if call.scale != 1.0:
@@ -289,7 +294,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     Shapes: input (C,), (N, C) or (N, C, d1, ...); target () / (N,) / (N, d1, ...) int64
     class indices, or probabilities of the input's shape.  dtypes float16, float32, float64,
     bfloat16 (computed in float32, float64 for float64); the loss has the input's dtype.
-    (N, C, d1, ...) costs one copy of the logits (a strided class axis).
+    (N, C, d1, ...), or a class axis with a stride (a transposed tensor), costs one copy of the logits.
 
     Extensions (keyword-only): ``z_loss`` (>= 0), ``softcap`` (> 0), ``sample_weight`` (per
     row, broadcastable to the target's shape), ``num_threads`` (default
@@ -402,7 +407,8 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     if reduction == "mean":
         den = float(wt.sum())
         with np.errstate(divide="ignore", invalid="ignore"):
-            wt = wt / den
+            # ignored rows get 0 even when every row is ignored (den = 0), as in torch
+            wt = np.where(active, wt / den, 0.0)
     coef = torch.from_numpy(np.array(-wt, dtype=np.float64).reshape(t_np.shape))
     return _NLLFunction.apply((coef, out), input, target)
 

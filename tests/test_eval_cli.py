@@ -237,3 +237,45 @@ def test_file_larger_than_the_address_space_limit(tmp_path):
     # zero rows: the target's rank is its index (ties by index): a hit only for target 0
     hits = np.count_nonzero(t[3:-1] == 0) + sum(int(np.argmax(row) == t[k]) for k, row in special.items())
     assert s["accuracy"] == hits / tokens
+
+
+def test_npz_member_at_an_unaligned_offset(tmp_path):
+    """np.savez puts a member's data after a header whose length depends on the name: float64 data
+    can start at an offset that is not a multiple of 8.  It is read into aligned buffers."""
+    rng = np.random.default_rng(3)
+    y, p = rng.normal(size=(500, 4)), rng.normal(size=(500, 4))
+    np.savez(tmp_path / "u.npz", a=p, bb=y)
+    src = _eval.ArraySource(str(tmp_path / "u.npz") + ":a", "input")
+    reader = src.reader("mmap")
+    try:
+        if src.offset % 8:
+            assert isinstance(reader, _eval._ReadintoReader)
+    finally:
+        reader.close()
+        src.close()
+    acc, _ = _eval.evaluate("mse_loss", str(tmp_path / "u.npz") + ":a", str(tmp_path / "u.npz") + ":bb",
+                            chunk_rows=37)
+    _ulps(acc.result(), fastloss.mse_loss(p, y), 4)
+
+
+def test_perplexity_summary_and_tokens_without_topk(files, capsys):
+    d, x, t, _, _ = files
+    assert main(["eval", "--loss", "perplexity", "--input", str(d / "x.npy"), "--target", str(d / "t.npy"),
+                 "--json", "--no-progress"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    _ulps(np.float32(r["cross_entropy"]), fastloss.cross_entropy(x, t))
+    _ulps(np.float32(r["perplexity"]), fastloss.perplexity(x, t))
+    assert main(["eval", "--loss", "cross_entropy", "--input", str(d / "x.npy"), "--target", str(d / "t.npy"),
+                 "--topk", "none", "--json", "--no-progress"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] == int(np.count_nonzero(t != -100)) and "accuracy" not in r
+
+
+def test_json_is_strict_for_an_empty_input(tmp_path, capsys):
+    np.save(tmp_path / "e.npy", np.zeros((0, 3), np.float32))
+    np.save(tmp_path / "f.npy", np.zeros((0, 3), np.float32))
+    assert main(["eval", "--loss", "mse_loss", "--input", str(tmp_path / "e.npy"), "--target",
+                 str(tmp_path / "f.npy"), "--json", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert r["result"] is None                  # the mean of nothing is NaN: null in JSON

@@ -561,3 +561,49 @@ def test_example_runs():
                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "max |loss difference|" in r.stdout
+
+
+def test_operands_that_are_not_tensors_with_grad():
+    """A float or NumPy sample_weight, a NumPy target or a Python scalar target work when the input
+    requires grad, as they do under no_grad (saved for a second backward as they are)."""
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    sw = np.array([1.0, 2.0, 0.5, 3.0])
+    for kwargs in ({"sample_weight": sw}, {"sample_weight": 2.0}, {"sample_weight": sw.tolist()}):
+        x.grad = None
+        loss = flt.cross_entropy(x, t, **kwargs)
+        loss.backward(retain_graph=True)
+        g1 = x.grad.clone()
+        loss.backward()                                     # recomputed from what was saved
+        exp_loss, exp_grad = fastloss.cross_entropy_with_grad(x.detach().numpy(), t.numpy(),
+                                                              sample_weight=np.broadcast_to(
+                                                                  np.asarray(kwargs["sample_weight"]), (4,)))
+        assert float(loss.detach()) == pytest.approx(float(exp_loss), rel=1e-15)
+        torch.testing.assert_close(g1, torch.from_numpy(exp_grad), rtol=1e-15, atol=0)
+        torch.testing.assert_close(x.grad, 2 * g1, rtol=0, atol=0)
+    x.grad = None
+    flt.cross_entropy(x, t.numpy()).backward()
+    gx = x.grad.clone()
+    x.grad = None
+    F.cross_entropy(x, t).backward()
+    torch.testing.assert_close(gx, x.grad)
+    y = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    flt.mse_loss(y, torch.tensor(0.5, dtype=torch.float64).expand(6)).backward()
+    g_ref = y.grad.clone()
+    y.grad = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # torch's size-mismatch warning is not ours to test
+        flt.mse_loss(y, 0.5).backward()
+    torch.testing.assert_close(y.grad, g_ref)
+
+
+def test_nll_loss_all_rows_ignored_gives_zero_gradient():
+    x = torch.randn(4, 3, requires_grad=True)
+    t = torch.full((4,), -100)
+    loss = flt.nll_loss(x, t)
+    loss.backward()
+    xt = x.detach().clone().requires_grad_()
+    F.nll_loss(xt, t).backward()
+    assert torch.isnan(loss) and torch.isnan(F.nll_loss(xt, t))
+    torch.testing.assert_close(x.grad, xt.grad)             # zeros, not NaN
+    assert torch.all(x.grad == 0)
