@@ -105,6 +105,8 @@ def _blas_threads(n: int):
 
 def _gemm_accumulate(acc: np.ndarray, g: np.ndarray, x: np.ndarray, tmp_holder: list) -> None:
     """acc (V, H) += g.T @ x, with g (k, V) and x (k, H) C-contiguous, acc C-contiguous."""
+    if acc.size == 0 or x.shape[0] == 0:
+        return
     gemm = _blas()[0]
     if gemm is not None:
         # In Fortran order acc.T is (H, V) = x.T (H, k) @ g (k, V); g.T (V, k) is F-contiguous.

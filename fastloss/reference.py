@@ -1357,7 +1357,7 @@ def linear_cross_entropy_grad(input, linear_weight, target, *, linear_bias=None,
     g = cross_entropy_grad(logits, target, dtype=dtype, **ce_options)
     g2 = g.reshape(-1, w.shape[0])
     gx = (g2 @ w).reshape(x.shape)
-    gw = g2.T @ x.reshape(-1, w.shape[1])
+    gw = g2.T @ x.reshape(g2.shape[0], w.shape[1])
     gb = None if linear_bias is None else g2.sum(axis=0)
     return gx, gw, gb
 
