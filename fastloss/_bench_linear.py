@@ -103,6 +103,8 @@ def run_worker(provider, N, H, V, threads, chunk=None, timeout=3600) -> dict:
            str(threads), "none" if chunk is None else str(chunk)]
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # this fastloss, in the child
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if p.returncode != 0:
         return {"provider": provider, "N": N, "H": H, "V": V, "threads": threads, "chunk": chunk,
