@@ -224,9 +224,12 @@ def environment() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
+    from fastloss.linear import _blas
+    _blas()                                   # loads SciPy's BLAS (used by fastloss.linear) if present
     try:
         from threadpoolctl import threadpool_info
-        blas = ",".join(f"{i.get('internal_api')} {i.get('version')}" for i in threadpool_info()
+        blas = ",".join(f"{i.get('internal_api')} {i.get('version')} ({os.path.basename(i.get('filepath', ''))})"
+                        for i in threadpool_info()
                         if i.get("user_api") == "blas")
     except Exception:
         blas = "unknown (no threadpoolctl)"

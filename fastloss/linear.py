@@ -50,24 +50,25 @@ CHUNK_ROWS_MIN, CHUNK_ROWS_MAX = 256, 4096
 def default_chunk_size(n_rows: int, in_features: int, num_classes: int, itemsize: int = 4) -> int:
     """The ``chunk_size`` that ``chunk_size=None`` picks.
 
-    Rule: ``H`` rows, rounded down to a power of two and clipped to [256, 4096], then
+    Rule: ``H / 2`` rows, rounded down to a power of two and clipped to [256, 4096], then
     lowered (to a multiple of 64) until the chunk's logits buffer (rows x V x itemsize) is at
     most 512 MiB, and at most ``n_rows``.  Why: the weight-gradient GEMM of a chunk reads and
     writes the whole (V, H) accumulator once for 2 x rows x V x H flops (about rows / 4 flops
-    per byte in float32), and the input-gradient GEMM ``G @ W`` (rows x V times V x H, a
-    short and very deep product) is 3-5x slower per flop in OpenBLAS below ~1000 rows
-    (measured: 6-10 GFLOP/s at 256 rows vs 20-30 at 1024, 2 threads).  ``rows = H`` makes
-    the logits buffer (H x V) at most the size of the weight gradient (V x H) that the
-    caller asked for anyway, and the 512 MiB cap halves it for the largest heads
-    (V = 128256, H = 2048: 1024 rows, 0.5 GiB).
-    The benchmark (``benchmarks/linear_cross_entropy.py --curve``) prints the time and memory
-    curve over chunk sizes.
+    per byte in float32), so a few hundred rows keep it compute-bound; the input-gradient GEMM
+    ``G @ W`` (rows x V times V x H: short and very deep) was 3-5x slower per flop in OpenBLAS
+    at 256 rows than at 1024 for H = 512, V = 16000 (2 threads), hence the floor of 256.  At
+    (N, H, V) = (4096, 1024, 32000), 2 threads, 256 to 2048 rows took the same time within
+    the machine's noise (21-27 s) while the peak extra memory grew from 0.18 to 0.42 GiB, so
+    the rule takes the smaller end: ``rows = H / 2`` makes the logits buffer half the size of
+    the weight gradient (V x H) that the caller asked for anyway; the 512 MiB cap bounds the
+    largest heads (V = 128256, H = 2048: 1024 rows, 0.5 GiB).  The benchmark
+    (``benchmarks/linear_cross_entropy.py --curve ...``) prints the curve.
 
     >>> from fastloss.linear import default_chunk_size
     >>> default_chunk_size(4096, 1024, 32000), default_chunk_size(8192, 2048, 128256)
-    (1024, 1024)
+    (512, 1024)
     """
-    rows = 1 << max(0, int(in_features).bit_length() - 1)
+    rows = 1 << max(0, int(in_features // 2).bit_length() - 1)
     rows = min(max(rows, CHUNK_ROWS_MIN), CHUNK_ROWS_MAX)
     cap = CHUNK_BYTES_MAX // max(1, num_classes * itemsize)
     if rows > cap:
@@ -364,7 +365,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ignore_index, reduction, label_smoothing, z_loss, softcap
         As :func:`fastloss.cross_entropy` (torch has no ``z_loss``/``softcap``/``sample_weight``).
     chunk_size : int, optional
-        Rows per chunk; ``None`` picks :func:`default_chunk_size` (H rows, a power of two
+        Rows per chunk; ``None`` picks :func:`default_chunk_size` (H / 2 rows, a power of two
         in [256, 4096], logits buffer at most 512 MiB).
     num_threads : int, optional
         Threads of the cross-entropy kernel AND of the BLAS libraries during the call (through

@@ -218,9 +218,9 @@ def test_threads(rng):
 
 
 def test_default_chunk_size_rule():
-    assert default_chunk_size(4096, 1024, 32000) == 1024
-    assert default_chunk_size(8192, 2048, 128256) == 1024          # 2048 rows: over 512 MiB
-    assert default_chunk_size(8192, 4096, 262144) == 512
+    assert default_chunk_size(4096, 1024, 32000) == 512
+    assert default_chunk_size(8192, 2048, 128256) == 1024
+    assert default_chunk_size(8192, 8192, 262144) == 512            # 4096 rows: over 512 MiB
     assert default_chunk_size(10, 1024, 32000) == 10
     assert default_chunk_size(100000, 100000, 10 ** 6) * 10 ** 6 * 4 <= 512 * 2 ** 20
     assert default_chunk_size(100000, 100000, 10 ** 9) == 1
