@@ -369,7 +369,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         in [256, 4096], logits buffer at most 512 MiB).
     num_threads : int, optional
         Threads of the cross-entropy kernel AND of the BLAS libraries during the call (through
-        threadpoolctl when it is installed; without it BLAS keeps its own default).  Our
+        threadpoolctl when it is installed; without it BLAS keeps its own default; the BLAS
+        limit is process-wide while the call runs, as any threadpoolctl limit).  BLAS and the
+        kernel run one after the other, never at once: n threads busy at most.  Our
         kernel is bitwise reproducible for any thread count; OpenBLAS is not for small
         products (its single-threaded "small matrix" GEMM sums in another order), so results
         for different thread counts can differ in the last bits (identical for equal counts).
