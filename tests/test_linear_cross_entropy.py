@@ -9,7 +9,7 @@ import pytest
 import fastloss
 from fastloss import reference as ref
 from fastloss.linear import default_chunk_size, linear_cross_entropy, linear_cross_entropy_with_grad
-from fl_testing import SUPPORTED_ISAS, assert_close, assert_identical, fd_gradient, get_dtype
+from fl_testing import assert_close, assert_identical, fd_gradient, get_dtype
 
 
 def _problem(rng, N=23, H=9, V=31, dtype=np.float64, ignore_every=0, bias=True):
