@@ -1323,3 +1323,43 @@ def kl_div_grad(input, target, *, reduction="mean", log_target=False, dtype=np.f
     x, t = _elem_prepare(input, target, dtype)
     g = -np.exp(t) if log_target else -t
     return np.broadcast_to(g, x.shape) * _elem_grad_scale(x.shape, reduction)
+
+
+# ---------------------------------------------------------------------------
+# Fused linear + cross-entropy (the oracle of fastloss.linear)
+# ---------------------------------------------------------------------------
+
+
+def _linear_logits(input, linear_weight, linear_bias, dtype):
+    x = _as_float_array(input, dtype)
+    w = _as_float_array(linear_weight, dtype)
+    logits = x @ w.T
+    if linear_bias is not None:
+        logits = logits + _as_float_array(linear_bias, dtype)
+    return x, w, logits
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None,
+                         dtype=np.float64, **ce_options):
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target, **ce_options)``
+    with the (..., V) logits materialized (the plain formula)."""
+    _, _, logits = _linear_logits(input, linear_weight, linear_bias, dtype)
+    return cross_entropy(logits, target, dtype=dtype, **ce_options)
+
+
+def linear_cross_entropy_grad(input, linear_weight, target, *, linear_bias=None,
+                              dtype=np.float64, **ce_options):
+    """Gradients of ``linear_cross_entropy(...).sum()``:
+    ``(grad_input, grad_linear_weight, grad_linear_bias or None)``, from the
+    logits' gradient ``G`` (``cross_entropy_grad``): ``G @ W``, ``G.T @ input``
+    (over all row axes) and ``G.sum(rows)``."""
+    x, w, logits = _linear_logits(input, linear_weight, linear_bias, dtype)
+    g = cross_entropy_grad(logits, target, dtype=dtype, **ce_options)
+    g2 = g.reshape(-1, w.shape[0])
+    gx = (g2 @ w).reshape(x.shape)
+    gw = g2.T @ x.reshape(g2.shape[0], w.shape[1])
+    gb = None if linear_bias is None else g2.sum(axis=0)
+    return gx, gw, gb
+
+
+__all__ += ["linear_cross_entropy", "linear_cross_entropy_grad"]
