@@ -31,6 +31,7 @@ from fastloss._config import config, get_num_threads, set_num_threads, show_conf
 from fastloss.classification import (cross_entropy, cross_entropy_with_grad, log_softmax, logsumexp,  # noqa: E402
                                      nll_loss, perplexity, softmax)
 from fastloss.distillation import kl_div_logits, kl_div_logits_with_grad  # noqa: E402
+from fastloss.linear import linear_cross_entropy, linear_cross_entropy_with_grad  # noqa: E402
 from fastloss.margin import (multi_margin_loss, multi_margin_loss_with_grad, triplet_margin_loss,  # noqa: E402
                              triplet_margin_loss_with_grad)
 from fastloss.sequence import (dpo_loss, dpo_loss_with_grad, info_nce_loss, info_nce_loss_with_grad,  # noqa: E402
@@ -58,3 +59,4 @@ __all__ += ["binary_cross_entropy", "binary_cross_entropy_with_grad", "binary_cr
             "binary_cross_entropy_with_logits_with_grad", "sigmoid_focal_loss", "sigmoid_focal_loss_with_grad",
             "hinge_loss", "hinge_loss_with_grad", "kl_div", "kl_div_with_grad"]
 __all__ += ["get_include", "get_library", "get_library_dir", "get_cflags", "get_ldflags"]
+__all__ += ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
