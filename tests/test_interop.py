@@ -273,3 +273,16 @@ def test_jax_arrays():
     # a JAX array is immutable: as grad_out it is refused, not silently copied
     with pytest.raises(ValueError, match="read-only"):
         fastloss.mse_loss_with_grad(jx, jx, grad_out=jnp.zeros_like(jx))
+
+
+def test_linear_cross_entropy_takes_tensors_and_arrow():
+    torch = _torch()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, 6)).astype(np.float32)
+    w = rng.standard_normal((11, 6)).astype(np.float32)
+    b = rng.standard_normal(11).astype(np.float32)
+    t = rng.integers(0, 11, 9)
+    exp = fastloss.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, num_threads=1)
+    got = fastloss.linear_cross_entropy_with_grad(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(t),
+                                                  linear_bias=ArrayOnly(b), num_threads=1)
+    _assert_same(got, exp, "linear_cross_entropy_with_grad via torch")
