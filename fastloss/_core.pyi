@@ -31,3 +31,4 @@ def cross_entropy_rows(logits: npt.NDArray[Any], out: npt.NDArray[Any] | None, m
                        row_loss: npt.NDArray[np.float64] | None, row_lse: npt.NDArray[np.float64] | None,
                        nthreads: int, soft_target: npt.NDArray[Any] | None = None,
                        row_rank: npt.NDArray[np.int64] | None = None) -> None: ...
+def sum_f64(a: npt.ArrayLike, with_comp: bool = False) -> Any: ...   # float, or (sum, compensation)

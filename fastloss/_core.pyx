@@ -403,3 +403,19 @@ def row_loss(str kind, list xs, object grads, object target, object weight, long
     if status == FL_ERR_INDEX:
         raise IndexError(bad)
     _check(status, f"{kind} kernel")
+
+
+def sum_f64(a, bint with_comp=False):
+    """Compensated sum of all elements of a float64 array (fl_sum_f64): within ~1 ulp of the
+    exact sum, the same bits on every ISA; inf/nan as np.sum (+inf + -inf gives nan, no
+    warning).  A non-contiguous or non-float64 array is copied first.  with_comp: return
+    (sum, compensation), the exact sum being ~ sum + compensation."""
+    cdef cnp.ndarray x = np.ascontiguousarray(a, dtype=np.float64)
+    cdef double s, c = 0.0
+    cdef const double *p = <const double *>cnp.PyArray_DATA(x)
+    cdef int64_t n = x.size
+    with nogil:
+        s = fl_sum_f64(p, n, &c)
+    if with_comp:
+        return s, c
+    return s

@@ -170,3 +170,6 @@ cdef extern from "fastloss.h" nogil:
     int fl_omp_max_threads()
     int fl_num_procs()
     const char *fl_compiler()
+
+    # ---- compensated double sum (the row-loss sums of the Python layer) ----
+    double fl_sum_f64(const double *x, int64_t n, double *comp)

@@ -91,9 +91,10 @@ def _is_float_dtype(dt: np.dtype) -> bool:
 
 
 def _sum(a) -> float:
-    """float(np.sum(a)), without NumPy's warning where +inf meets -inf (the result is nan)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return float(np.sum(a))
+    """The sum of a (as float64), compensated: within ~1 ulp of the exact sum (np.sum's pairwise
+    sum was measured several ulp off, which the chunked sums of fastloss.metrics/fastloss.dask
+    could not match within 2 ulp).  inf/nan as np.sum (+inf + -inf is nan), no warning."""
+    return _core.sum_f64(a)
 
 
 def _int64(value, name: str) -> int:

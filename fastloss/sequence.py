@@ -305,7 +305,7 @@ def _dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejec
         if reduction == "none":
             out = _cast(loss, dt)
         else:
-            total = float(np.sum(loss))
+            total = _core.sum_f64(loss)     # compensated: within ~1 ulp of the exact sum
             if reduction == "mean":
                 total = total / n if n else math.nan
                 if dh is not None:
@@ -453,8 +453,7 @@ class _NCE:
         if self.reduction == "none":
             loss = _cast(rows, self.loss_dtype)
         else:
-            with np.errstate(invalid="ignore"):
-                total = float(np.sum(rows))
+            total = _core.sum_f64(rows)     # compensated: within ~1 ulp of the exact sum
             if self.reduction == "mean":
                 total = total / self.N if self.N else math.nan
             loss = _cast(total, self.loss_dtype)[()]

@@ -88,7 +88,7 @@ int64_t fl_pointwise_scratch_len(const fl_pointwise_job *job)
         else n_red *= job->shape[d];
     }
     int64_t nblk = n_red == 0 ? 0 : (n_red + FL_BLOCK - 1) / FL_BLOCK;
-    return 2 * n_out * nblk;
+    return 4 * n_out * nblk;          /* per block: sum w*l and sum w, each with its compensation */
 }
 
 int fl_pointwise(const fl_pointwise_job *job, int nthreads) { return fl_active()->pointwise(job, nthreads); }
@@ -101,6 +101,8 @@ int64_t fl_ce_scratch_len(int64_t n_rows, int64_t V)
 }
 
 int fl_cross_entropy(const fl_ce_job *job, int nthreads) { return fl_active()->cross_entropy(job, nthreads); }
+
+double fl_sum_f64(const double *x, int64_t n, double *comp) { return fl_active()->sum_f64(x, n, comp); }
 
 double fl_read_sum_f32(const float *x, int64_t n, int nthreads)
 {

@@ -241,6 +241,13 @@ int fl_multi_margin(const fl_rows_job *job, int nthreads);
 int fl_triplet_margin(const fl_rows_job *job, int nthreads);
 int fl_kl_div_logits(const fl_rows_job *job, int nthreads);
 
+/* Compensated sum of x[0..n) (contiguous doubles), single-threaded: 16 lanes of TwoSum, the
+ * lanes added with their compensations, rounded once; within ~1 ulp of the exact sum (the
+ * error is O(n u^2) sum |x|).  The order is fixed: the same bits on every ISA.  *comp (if not
+ * NULL) receives the remainder (exact sum ~= result + *comp; 0 when the result is not
+ * finite).  inf/nan as a plain sum: +inf + -inf gives nan; n <= 0 gives 0. */
+double fl_sum_f64(const double *x, int64_t n, double *comp);
+
 #ifdef __cplusplus
 }
 #endif

@@ -48,6 +48,7 @@ typedef struct {
     int (*pointwise)(const fl_pointwise_job *job, int nthreads);
     double (*read_sum_f32)(const float *x, int64_t n, int nthreads);
     int (*cross_entropy)(const fl_ce_job *job, int nthreads);
+    double (*sum_f64)(const double *x, int64_t n, double *comp);
 } fl_kernel_table;
 
 extern const fl_kernel_table fl_table_baseline;

@@ -16,12 +16,19 @@
  * when the innermost strides are unit (the common case); other strides take a
  * generic scalar loop.
  *
- * Determinism: each item writes its partial sums (sum w*l, sum w; double) into its
- * own scratch slot; the slots of an output are then combined in item order with
- * Neumaier compensated summation.  The split into items does not depend on the
- * thread count, so neither does the result (bitwise).  Within a segment the
- * order of the double accumulation is fixed by the compiled vector width, so
- * different ISAs may differ in the last bits (all are far below float32 ulp).
+ * Determinism: each item writes its partial sums (sum w*l, sum w; each a double and its
+ * compensation) into its own scratch slot; the slots of an output are then combined in
+ * item order with Neumaier compensated summation.  The split into items does not depend
+ * on the thread count, so neither does the result (bitwise).  Within a segment the sums
+ * go to PW_LANES lanes in an order fixed by the source, compiled without FMA contraction:
+ * every ISA gives the same bits.
+ *
+ * Accuracy (float64): the lanes are compensated (TwoSum per element, PW_2SUM), the lanes
+ * are added with their compensations, and each item's (sum, compensation) enters the
+ * cross-item Neumaier sum, so a float64 result is the sum of the (double) element losses
+ * rounded once, up to O(n u^2) relative: in practice within 1 ulp of the exact sum.  Chunked
+ * sums (fastloss.metrics, fastloss.dask) then agree with the one-shot result within 2 ulp.
+ * The float16/bfloat16/float32 dtypes keep plain double lanes (their results are float32).
  *
  * Math per element (d = x - t, w = weight or 1), all in double:
  *   mse        l = d^2                               dl/dx = 2 d
@@ -29,8 +36,7 @@
  *   huber(p)   l = 0.5 d^2 if |d| < p else p(|d| - p/2)       dl/dx = clamp(d, -p, p)
  *   smooth_l1  l = 0.5 d^2/p if |d| < p else |d| - p/2        dl/dx = d/p if |d| < p else sign(d)
  *              (= huber(p)/p, computed so: see loss_sl1)
- * GCC contracts a*b + c into FMA where the ISA has it (-ffp-contract=fast, its default), so
- * the ISAs may differ in the last bits of double; the float32 results are unaffected.
+ * (No FMA contraction in this file's kernels, see section 1: every ISA gives the same bits.)
  *   one        l = 1 (used to sum weights alone)     dl/dx = 0
  *
  * The losses on probabilities and scores (FL_PW_BCE ... FL_PW_KL_LOGT, section 3b) reuse the
@@ -49,6 +55,16 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+/* Sections 1 to 8 are compiled without FMA contraction: s + w*l fused on the FMA ISAs only
+ * would make the double sums differ across ISAs and break the compensated sums (PW_2SUM),
+ * and z - 0.5*m (huber) fused would make the element losses differ. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
 #endif
 
 /* ---- 1. the losses and their derivatives, in double ------------------------ */
@@ -158,6 +174,81 @@ static inline double pw_lanes_sum(const double *v)
     return a[0];
 }
 
+/* ---- compensated double sums (float64 inputs) ----------------------------------------
+ * PW_2SUM: s + a = t + e exactly (Knuth's TwoSum: six additions, no compare, no branch, so it
+ * vectorizes on every ISA); the rounding error e goes to the running compensation c.  A sum
+ * is kept as a pair (s, c) and rounded once at the end (s + c), which makes the float64 result
+ * (nearly) the correctly rounded sum of its terms: the error is |c|'s own rounding,
+ * O(n u^2) sum |terms| (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed.,
+ * sec. 4.3, and Ogita, Rump, Oishi, SIAM J. Sci. Comput. 26 (2005), Sum2).  No FMA
+ * contraction here (top of section 1), so s + w*l is never fused and every ISA gets the same bits.  A non-finite s makes e NaN: every user returns the plain sum s when
+ * it is not finite (inf, or nan for +inf + -inf), as np.sum does. */
+#define PW_2SUM(s, c, a)                                                 \
+    do {                                                                 \
+        double a2_ = (a), t2_ = (s) + a2_, z2_ = t2_ - (s);              \
+        (c) += ((s) - (t2_ - z2_)) + (a2_ - z2_);                        \
+        (s) = t2_;                                                       \
+    } while (0)
+
+/* the lanes (v[j], cv[j]) added pairwise in the order of pw_lanes_sum, compensated: *s + *c */
+static inline void pw_lanes_sum2(const double *v, const double *cv, double *s, double *c)
+{
+    double a[PW_LANES / 2], e[PW_LANES / 2];
+    for (int j = 0; j < PW_LANES / 2; j++) {
+        e[j] = cv[j] + cv[j + PW_LANES / 2];
+        a[j] = v[j];
+        PW_2SUM(a[j], e[j], v[j + PW_LANES / 2]);
+    }
+    for (int h = PW_LANES / 4; h >= 1; h /= 2)
+        for (int j = 0; j < h; j++) {
+            e[j] += e[j + h];
+            PW_2SUM(a[j], e[j], a[j + h]);
+        }
+    *s = a[0];
+    *c = e[0];
+}
+
+/* (s, c) += k * (v + cv): the product's rounding error by fma (exact; a libm call on the
+ * baseline ISA, once per segment), so a weight constant along a segment loses nothing. */
+static inline void pw_acc2(double *s, double *c, double k, double v, double cv)
+{
+    if (k == 1.0) {
+        *c += cv;
+        PW_2SUM(*s, *c, v);
+    } else {
+        double pr = k * v;
+        *c += fma(k, v, -pr) + k * cv;
+        PW_2SUM(*s, *c, pr);
+    }
+}
+
+/* the rounded value of a compensated pair; a non-finite s is returned as it is */
+static inline double pw_round2(double s, double c) { return isfinite(s) && c != 0.0 ? s + c : s; }
+
+/* Compensated sum of n doubles (fl_sum_f64): 16 lanes of TwoSum, the lanes added pairwise,
+ * compensated; *comp (if not NULL) receives what is left: exact sum ~= result + *comp.
+ * The order is fixed by the source, so every ISA gives the same bits.  inf/nan as np.sum
+ * (+inf + -inf gives nan); the lanes start at -0.0 so that a sum of -0.0 stays -0.0. */
+static double pw_sum_f64(const double *x, int64_t n, double *comp)
+{
+    double s[PW_LANES], c[PW_LANES];
+    if (comp) *comp = 0.0;
+    if (n <= 0) return 0.0;
+    for (int j = 0; j < PW_LANES; j++) { s[j] = -0.0; c[j] = 0.0; }
+    const int64_t nv = n - n % PW_LANES;
+    for (int64_t i0 = 0; i0 < nv; i0 += PW_LANES) {
+        FL_PREFETCH(x + i0, PW_PF_BYTES);
+        _Pragma("omp simd")
+        for (int j = 0; j < PW_LANES; j++) PW_2SUM(s[j], c[j], x[i0 + j]);
+    }
+    for (int64_t i = nv; i < n; i++) PW_2SUM(s[i - nv], c[i - nv], x[i]);
+    double S, C;
+    pw_lanes_sum2(s, c, &S, &C);
+    double r = pw_round2(S, C);
+    if (comp && isfinite(r) && isfinite(S)) *comp = C - (r - S);
+    return r;
+}
+
 typedef void (*pw_seg_fn)(int64_t n, const void *x, const void *t, const void *w, void *g,
                           void *e, double p, double q, double r, double lscale, double gscale,
                           double *acc);
@@ -167,7 +258,10 @@ typedef void (*pw_seg_fn)(int64_t n, const void *x, const void *t, const void *w
         double d = LD_##DT(x[i]) - LD_##DT(t[i]);                                                \
         double wi = HASW ? LD_##DT(w[i]) : 1.0;                                                  \
         double l = loss_##OP(d, p, q);                                                           \
-        if (R) { lane_wl[L] += wi * l; if (HASW) lane_w[L] += wi; }                              \
+        if (R && PW_COMP_##DT) {                                                                 \
+            PW_2SUM(lane_wl[L], lane_cwl[L], wi * l);                                            \
+            if (HASW) PW_2SUM(lane_w[L], lane_cw[L], wi);                                        \
+        } else if (R) { lane_wl[L] += wi * l; if (HASW) lane_w[L] += wi; }                       \
         if (E) e[i] = (OUT)(HASW ? wi * l : lscale * l);                                         \
         if (G) g[i] = ST_##DT(grad_##OP(d, p, r, HASW ? gscale * wi : gscale));                   \
     }
@@ -183,9 +277,10 @@ typedef void (*pw_seg_fn)(int64_t n, const void *x, const void *t, const void *w
         const T *FL_RESTRICT w = (const T *)w_;                                                \
         T *g = (T *)g_;                                                                        \
         OUT *FL_RESTRICT e = (OUT *)e_;                                                        \
-        double lane_wl[PW_LANES], lane_w[PW_LANES];                                            \
+        double lane_wl[PW_LANES], lane_w[PW_LANES], lane_cwl[PW_LANES], lane_cw[PW_LANES];     \
         (void)x; (void)t; (void)w; (void)g; (void)e; (void)lscale; (void)gscale; (void)lane_w; (void)r; \
-        for (int j = 0; j < PW_LANES; j++) lane_wl[j] = lane_w[j] = 0.0;                       \
+        (void)lane_cwl; (void)lane_cw;                                                         \
+        for (int j = 0; j < PW_LANES; j++) lane_wl[j] = lane_w[j] = lane_cwl[j] = lane_cw[j] = 0.0; \
         const int64_t nv = n - n % PW_LANES;                                                   \
         for (int64_t c = 0; c < nv; c += PW_CHUNK) {                                           \
             const int64_t c1 = nv - c < PW_CHUNK ? nv : c + PW_CHUNK;                          \
@@ -202,12 +297,23 @@ typedef void (*pw_seg_fn)(int64_t n, const void *x, const void *t, const void *w
         }                                                                                      \
         for (int64_t i = nv; i < n; i++)                                                       \
             PW_ELEM(DT, OUT, OP, HASW, R, E, G, i, i - nv)                                     \
-        if (R) {                                                                               \
-            double s_wl = pw_lanes_sum(lane_wl), s_w = pw_lanes_sum(lane_w);                   \
-            acc[0] += HASW ? s_wl : lscale * s_wl;                                             \
-            if (HASW) acc[1] += s_w;                                                           \
+        if (R) { /* (acc[0], acc[3]) += segment's sum w l; (acc[1], acc[4]) += sum w */         \
+            double s_wl, c_wl, s_w, c_w;                                                       \
+            pw_lanes_sum2(lane_wl, lane_cwl, &s_wl, &c_wl);                                    \
+            pw_acc2(&acc[0], &acc[3], HASW ? 1.0 : lscale, s_wl, c_wl);                        \
+            if (HASW) {                                                                        \
+                pw_lanes_sum2(lane_w, lane_cw, &s_w, &c_w);                                    \
+                pw_acc2(&acc[1], &acc[4], 1.0, s_w, c_w);                                      \
+            }                                                                                  \
         }                                                                                      \
     }
+
+/* compensated lanes (PW_2SUM) for float64 only: the other dtypes' results are float32, for
+ * which the plain double lanes are already far more than accurate enough */
+#define PW_COMP_f16 0
+#define PW_COMP_bf16 0
+#define PW_COMP_f32 0
+#define PW_COMP_f64 1
 
 #define PW_SEG_MODES(DT, T, OUT, OP, HASW, WT)          \
     PW_SEG(DT, T, OUT, OP, HASW, WT, R, 1, 0, 0)        \
@@ -311,10 +417,11 @@ typedef struct {
  * elements in the same order however the block is cut into segments (one segment for a
  * contiguous array, one per row for a view with strided rows), and w*l is formed per element
  * (a weight constant along the segment is `lscale`): results are bitwise identical across
- * such layouts, as they are across thread counts.  lane0 = the first element's lane. */
+ * such layouts, as they are across thread counts.  lane0 = the first element's lane.  For
+ * float64 each lane is a compensated pair (lanes, lanes_c; PW_2SUM). */
 typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w, const void *pw,
                           void *g, void *e, const bx_par *par, double pwc, double lscale,
-                          double gscale, double *lanes, int64_t lane0, double *acc);
+                          double gscale, double *lanes, double *lanes_c, int64_t lane0, double *acc);
 
 #define BX_OPID_bce FL_PW_BCE
 #define BX_OPID_bcel FL_PW_BCE_LOGITS
@@ -332,7 +439,10 @@ typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w
                                  : eo_##OP##_##RS(xv, tv, pv, p1, p2);                           \
         RT wi = HASW ? (RT)LDR_##DT(w[i]) : lsr;                                                   \
         RT wl = wi * res.l;                                                                      \
-        if (RED) { lane_wl[L] += (double)wl; if (HASW) lane_w[L] += (double)wi; }                \
+        if (RED && PW_COMP_##DT) {                                                               \
+            PW_2SUM(lane_wl[L], lane_cwl[L], (double)wl);                                        \
+            if (HASW) PW_2SUM(lane_w[L], lane_cw[L], (double)wi);                                \
+        } else if (RED) { lane_wl[L] += (double)wl; if (HASW) lane_w[L] += (double)wi; }         \
         lane_bad[L] += res.bad;                                                                  \
         if (E) e[i] = (OUT)wl;                                                                   \
         if (G) g[i] = ST_##DT(res.g * (gsr * wi));                                               \
@@ -343,7 +453,7 @@ typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w
                                                   const void *w_, const void *pw_, void *g_,      \
                                                   void *e_, const bx_par *par, double pwc,        \
                                                   double lscale, double gscale, double *lanes,    \
-                                                  int64_t lane0, double *acc)                     \
+                                                  double *lanes_c, int64_t lane0, double *acc)    \
     {                                                                                            \
         const T *x = (const T *)x_; /* not restrict: g may be x */                               \
         const T *FL_RESTRICT t = (const T *)t_;                                                  \
@@ -354,13 +464,14 @@ typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w
         const RT p1 = (RT)(sizeof(RT) == 4 ? par->p1f : par->p1);                                \
         const RT p2 = (RT)(sizeof(RT) == 4 ? par->p2f : par->p2);                                \
         const RT pwcr = (RT)pwc, lsr = (RT)lscale, gsr = (RT)gscale;                             \
-        double lane_wl[PW_LANES], lane_w[PW_LANES];                                              \
+        double lane_wl[PW_LANES], lane_w[PW_LANES], lane_cwl[PW_LANES], lane_cw[PW_LANES];       \
         RT lane_bad[PW_LANES];                                                                   \
         (void)x; (void)t; (void)w; (void)pw; (void)g; (void)e; (void)lsr; (void)gsr; (void)pwcr; \
-        (void)lane_w; (void)lanes;                                                               \
+        (void)lane_w; (void)lanes; (void)lanes_c; (void)lane_cwl; (void)lane_cw;                 \
         for (int j = 0; j < PW_LANES; j++) {                                                     \
             lane_wl[j] = RED ? lanes[j] : 0.0;                                                   \
-            lane_w[j] = 0.0;                                                                     \
+            lane_cwl[j] = RED ? lanes_c[j] : 0.0;                                                \
+            lane_w[j] = lane_cw[j] = 0.0;                                                        \
             lane_bad[j] = 0;                                                                     \
         }                                                                                        \
         /* head: up to the first element of lane 0; then whole groups of PW_LANES; tail */      \
@@ -386,8 +497,12 @@ typedef void (*bx_seg_fn)(int64_t n, const void *x, const void *t, const void *w
         for (int64_t i = nv; i < n; i++)                                                         \
             BX_ELEM(DT, RT, RS, OUT, OP, HASW, HASPW, RED, E, G, i, i - nv, 1)                   \
         if (RED) {                                                                               \
-            for (int j = 0; j < PW_LANES; j++) lanes[j] = lane_wl[j];                            \
-            if (HASW) acc[1] += pw_lanes_sum(lane_w);                                            \
+            for (int j = 0; j < PW_LANES; j++) { lanes[j] = lane_wl[j]; lanes_c[j] = lane_cwl[j]; } \
+            if (HASW) {                                                                          \
+                double s_w, c_w;                                                                 \
+                pw_lanes_sum2(lane_w, lane_cw, &s_w, &c_w);                                      \
+                pw_acc2(&acc[1], &acc[4], 1.0, s_w, c_w);                                        \
+            }                                                                                    \
         }                                                                                        \
         RT nbad = 0;                                                                             \
         for (int j = 0; j < PW_LANES; j++) nbad += lane_bad[j];                                  \
@@ -443,8 +558,8 @@ static const bx_seg_fn bx_seg_table[FL_NDTYPES][PW_NBX][2][2][PW_NMODES] = {
 #define BX_GENERIC(DT, T, RT, RS, OUT)                                                           \
     static void bxgen_##DT(int op, int64_t n, const char *x, const char *t, const char *w,       \
                            const char *pw, char *g, OUT *e, const int64_t *s, const bx_par *par, \
-                           double lscale, double gscale, double *lanes, int64_t lane0,           \
-                           double *acc)                                                          \
+                           double lscale, double gscale, double *lanes, double *lanes_c,         \
+                           int64_t lane0, double *acc)                                           \
     {                                                                                            \
         const RT p1 = (RT)(sizeof(RT) == 4 ? par->p1f : par->p1);                                \
         const RT p2 = (RT)(sizeof(RT) == 4 ? par->p2f : par->p2);                                \
@@ -457,8 +572,13 @@ static const bx_seg_fn bx_seg_table[FL_NDTYPES][PW_NBX][2][2][PW_NMODES] = {
             RT wi = w ? (RT)LDR_##DT(*(const T *)(w + i * s[FL_OP_WEIGHT])) : lsr;               \
             eo_res_##RS res = eo_any_##RS(op, xv, tv, pv, p1, p2);                               \
             RT wl = wi * res.l;                                                                  \
-            lanes[(lane0 + i) % PW_LANES] += (double)wl;                                         \
-            s_w += (double)wi;                                                                   \
+            if (PW_COMP_##DT) {                                                                  \
+                PW_2SUM(lanes[(lane0 + i) % PW_LANES], lanes_c[(lane0 + i) % PW_LANES], (double)wl); \
+                PW_2SUM(acc[1], acc[4], (double)wi);                                             \
+            } else {                                                                             \
+                lanes[(lane0 + i) % PW_LANES] += (double)wl;                                     \
+                s_w += (double)wi;                                                               \
+            }                                                                                    \
             nbad += (double)res.bad;                                                             \
             if (e) e[i] = (OUT)wl;                                                               \
             if (g) *(T *)(g + i * s[FL_OP_GRAD]) = ST_##DT(res.g * (gsr * wi));                  \
@@ -475,7 +595,7 @@ BX_GENERIC(f64, double, double, d, double)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #elif defined(__clang__)
-#pragma STDC FP_CONTRACT ON
+#pragma STDC FP_CONTRACT OFF
 #endif
 
 /* ---- 4. generic-stride segment loop (any strides, scalar) ------------------ */
@@ -513,8 +633,13 @@ static inline double pw_grad_any(int op, double d, double p, double r, double s)
                        LD_##DT(*(const T *)(t + i * s[FL_OP_TARGET]));                           \
             double wi = w ? LD_##DT(*(const T *)(w + i * s[FL_OP_WEIGHT])) : 1.0;                \
             double l = pw_loss_any(op, d, p, q);                                                 \
-            s_wl += wi * l;                                                                      \
-            s_w += wi;                                                                           \
+            if (PW_COMP_##DT) {                                                                  \
+                PW_2SUM(acc[0], acc[3], wi * l);                                                 \
+                PW_2SUM(acc[1], acc[4], wi);                                                     \
+            } else {                                                                             \
+                s_wl += wi * l;                                                                  \
+                s_w += wi;                                                                       \
+            }                                                                                    \
             if (e) e[i] = (OUT)(wi * l);                                                         \
             if (g) *(T *)(g + i * s[FL_OP_GRAD]) = ST_##DT(pw_grad_any(op, d, p, r, gscale * wi)); \
         }                                                                                        \
@@ -655,7 +780,8 @@ static double pw_load1(fl_dtype dt, const char *p)
     }
 }
 
-/* acc: sum w*l, sum w, number of elements outside the domain (section 3b ops only) */
+/* acc: sum w*l, sum w, number of elements outside the domain (section 3b ops only), and the
+ * compensations of the two sums: the item's sums are acc[0] + acc[3] and acc[1] + acc[4] */
 static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
 {
     const fl_pointwise_job *J = P->job;
@@ -683,8 +809,8 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
                         ? bx_seg_table[J->dtype][J->op - FL_PW_BCE][P->wkind == 1][P->pkind == 1][P->mode]
                         : NULL;
     const char *pw = (const char *)J->pos_weight;
-    double lanes[PW_LANES];                  /* section 3b: the item's sum lanes */
-    for (int j = 0; j < PW_LANES; j++) lanes[j] = 0.0;
+    double lanes[PW_LANES], lanes_c[PW_LANES];   /* section 3b: the item's sum lanes */
+    for (int j = 0; j < PW_LANES; j++) lanes[j] = lanes_c[j] = 0.0;
 
     while (remaining > 0) {
         int64_t seg = P->shape[last] - idx[last];
@@ -701,16 +827,16 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
             int64_t lane0 = (flat - r0) % PW_LANES;
             if (bfn) {
                 bfn(seg, xs, ts, P->wkind == 1 ? ws : NULL, P->pkind == 1 ? pws : NULL, gp, ep, &P->par, pv,
-                    wv, gs, lanes, lane0, acc);
-                if (P->wkind != 1) acc[1] += wv * (double)seg;
+                    wv, gs, lanes, lanes_c, lane0, acc);
+                if (P->wkind != 1) pw_acc2(&acc[1], &acc[4], wv, (double)seg, 0.0);
             } else {
                 int64_t s[FL_NOPERANDS];
                 for (int k = 0; k < FL_NOPERANDS; k++) s[k] = P->strides[k][last];
                 switch (J->dtype) {
-                case FL_F16: bxgen_f16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lane0, acc); break;
-                case FL_BF16: bxgen_bf16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lane0, acc); break;
-                case FL_F32: bxgen_f32(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lane0, acc); break;
-                default: bxgen_f64(J->op, seg, xs, ts, ws, pws, gp, (double *)ep, s, &P->par, 1.0, gs, lanes, lane0, acc); break;
+                case FL_F16: bxgen_f16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lanes_c, lane0, acc); break;
+                case FL_BF16: bxgen_bf16(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lanes_c, lane0, acc); break;
+                case FL_F32: bxgen_f32(J->op, seg, xs, ts, ws, pws, gp, (float *)ep, s, &P->par, 1.0, gs, lanes, lanes_c, lane0, acc); break;
+                default: bxgen_f64(J->op, seg, xs, ts, ws, pws, gp, (double *)ep, s, &P->par, 1.0, gs, lanes, lanes_c, lane0, acc); break;
                 }
             }
         } else if (fn) {
@@ -723,10 +849,10 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
                 default: wv = LD_f64(*(const double *)ws); break;
                 }
                 fn(seg, xs, ts, NULL, gp, ep, P->p, P->q, P->r, wv, gs * wv, acc);
-                acc[1] += wv * (double)seg;
+                pw_acc2(&acc[1], &acc[4], wv, (double)seg, 0.0);
             } else {
                 fn(seg, xs, ts, ws, gp, ep, P->p, P->q, P->r, 1.0, gs, acc);
-                if (P->wkind == 0) acc[1] += (double)seg;
+                if (P->wkind == 0) pw_acc2(&acc[1], &acc[4], 1.0, (double)seg, 0.0);
             }
         } else {
             int64_t s[FL_NOPERANDS];
@@ -750,20 +876,25 @@ static void pw_run_item(const pw_plan *P, int64_t o, int64_t b, double *acc)
                 off[k] += P->strides[k][d - 1] - P->shape[d] * P->strides[k][d];
         }
     }
-    if (P->bx) acc[0] += pw_lanes_sum(lanes);
+    if (P->bx) {
+        double sl, cl;
+        pw_lanes_sum2(lanes, lanes_c, &sl, &cl);
+        pw_acc2(&acc[0], &acc[3], 1.0, sl, cl);
+    }
 }
 
 /* ---- 7. driver -------------------------------------------------------------- */
 
 #define PW_MIN_PER_THREAD ((int64_t)1 << 16)   /* elements; below this, threads cost more than they give */
 
-/* Neumaier summation of v[0], v[stride], ...; infinities/NaN pass through. */
-static double pw_fsum(const double *v, int64_t n, int64_t stride)
+/* Neumaier summation of the pairs (v[0], v[1]), (v[stride], v[stride + 1]), ... (a sum and its
+ * compensation each: the items' partial sums), rounded once; infinities/NaN pass through. */
+static double pw_fsum2(const double *v, int64_t n, int64_t stride)
 {
     double s = 0.0, c = 0.0;
     for (int64_t i = 0; i < n; i++) {
         double a = v[i * stride], tt = s + a;
-        if (isfinite(tt)) c += fabs(s) >= fabs(a) ? (s - tt) + a : (a - tt) + s;
+        if (isfinite(tt)) c += (fabs(s) >= fabs(a) ? (s - tt) + a : (a - tt) + s) + v[i * stride + 1];
         s = tt;
     }
     return isfinite(s) ? s + c : s;
@@ -790,7 +921,7 @@ static int pw_run(const fl_pointwise_job *J, int nthreads)
 #pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
 #endif
     for (int64_t it = 0; it < items; it++) {
-        double acc[3] = {0.0, 0.0, 0.0};
+        double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
         pw_run_item(&P, it / nblk, it % nblk, acc);
         if (acc[2] != 0.0 && J->n_bad) {
             int64_t nb = (int64_t)acc[2];
@@ -800,14 +931,16 @@ static int pw_run(const fl_pointwise_job *J, int nthreads)
             *J->n_bad += nb;
         }
         if (reduce) {
-            scratch[2 * it] = acc[0];
-            scratch[2 * it + 1] = acc[1];
+            scratch[4 * it] = acc[0];
+            scratch[4 * it + 1] = acc[3];
+            scratch[4 * it + 2] = acc[1];
+            scratch[4 * it + 3] = acc[4];
         }
     }
     if (reduce) {
         for (int64_t o = 0; o < P.n_out; o++) {
-            J->sum_wl[o] = pw_fsum(scratch + 2 * o * nblk, nblk, 2);
-            J->sum_w[o] = pw_fsum(scratch + 2 * o * nblk + 1, nblk, 2);
+            J->sum_wl[o] = pw_fsum2(scratch + 4 * o * nblk, nblk, 4);
+            J->sum_w[o] = pw_fsum2(scratch + 4 * o * nblk + 2, nblk, 4);
         }
     }
     return FL_OK;
@@ -847,7 +980,13 @@ static double read_sum_f32(const float *x, int64_t n, int nthreads)
     return total;
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#elif defined(__clang__)
+#pragma STDC FP_CONTRACT ON
+#endif
+
 #include "ce_body.h"
 #include "rows_body.h"
 
-const fl_kernel_table FL_TABLE_NAME = {pw_run, read_sum_f32, ce_run};
+const fl_kernel_table FL_TABLE_NAME = {pw_run, read_sum_f32, ce_run, pw_sum_f64};
