@@ -72,8 +72,13 @@ _F32_OVERFLOW = (2.0 - 2.0 ** -24) * 2.0 ** 127
 
 # ---- compensated sums -----------------------------------------------------------------------
 
-def _add(acc: list, x: float) -> None:
-    """Neumaier's compensated addition of x into acc = [sum, error]."""
+def _add(acc: list, x) -> None:
+    """Neumaier's compensated addition of x into acc = [sum, error]; x may be a (sum, compensation)
+    pair (:func:`_psum`): both parts are added."""
+    if isinstance(x, tuple):
+        _add(acc, x[0])
+        _add(acc, x[1])
+        return
     s = acc[0]
     t = s + x
     if not math.isfinite(t):            # inf / nan: the error term would become nan
@@ -115,6 +120,17 @@ def _fsum(a: np.ndarray) -> float:
     except (ValueError, OverflowError):
         with np.errstate(invalid="ignore", over="ignore"):
             return float(np.sum(a))
+
+
+def _psum(a: np.ndarray):
+    """The sum of float64 values as a (sum, compensation) pair whose exact sum is within a few
+    units of 2^-106 of the exact one (``_core.sum_f64``, compensated lanes): merged into an
+    accumulator as both parts, a chunk's sum is not rounded to one double first."""
+    a = np.ravel(a)
+    if a.size == 0:
+        return (0.0, 0.0)
+    s, c = _core.sum_f64(a, with_comp=True)
+    return (s, c) if math.isfinite(s) and math.isfinite(c) else (s, 0.0)
 
 
 def _divide(num: float, den: float) -> float:
@@ -171,8 +187,8 @@ def _pointwise_sums(op, param, param2, p, pw=None):
     if p.x.dtype == np.float64:
         e = np.empty(p.x.shape, np.float64)
         nbad = _core.pointwise(op, param, p.x, p.t, p.w, None, e, p.x.ndim, None, None, None, p.nthreads, param2, pw)
-        den = _fsum(np.ravel(p.w)) if p.w is not None else float(n)
-        return _fsum(e.reshape(-1)), den, nbad
+        den = _psum(p.w) if p.w is not None else float(n)
+        return _psum(e), den, nbad
     swl, sw = np.zeros(1), np.zeros(1)
     nbad = _core.pointwise(op, param, p.x, p.t, p.w, None, None, p.x.ndim, swl, sw, None, p.nthreads, param2, pw)
     return float(swl[0]), float(sw[0]), nbad
@@ -597,7 +613,7 @@ def _ce_denominator(ce) -> float:
     """The denominator of the one-shot mean (classification._CE.denominator), summed with fsum."""
     n = math.prod(ce.rows_shape)
     if ce.q is not None:
-        return _fsum(ce.sw) if ce.sw is not None else float(n)
+        return _psum(ce.sw) if ce.sw is not None else float(n)
     active = ce.t != ce.ignore_index
     if ce.cw is None and ce.sw is None:
         return float(np.count_nonzero(active))
@@ -605,7 +621,7 @@ def _ce_denominator(ce) -> float:
     if ce.sw is not None:
         with np.errstate(invalid="ignore"):
             w_rows = w_rows * np.where(active, ce.sw, 0.0)
-    return _fsum(w_rows)
+    return _psum(w_rows)
 
 
 class CrossEntropy(Accumulator):
@@ -680,7 +696,7 @@ class CrossEntropy(Accumulator):
         ce = self._make(operands, data, nthreads)
         row_loss, rank = _ce_rows(ce, bool(self.options["topk"]))
         self._pending = (ce, rank)
-        return _fsum(row_loss), _ce_denominator(ce), ce.loss_dtype == np.float64
+        return _psum(row_loss), _ce_denominator(ce), ce.loss_dtype == np.float64
 
     def update(self, *operands, **kw):
         super().update(*operands, **kw)
@@ -804,7 +820,7 @@ class NLLLoss(Accumulator):
         w = np.where(active, cw[safe_t] if cw is not None else 1.0, 0.0)
         with np.errstate(invalid="ignore"):
             per_row = np.where(active, -w * picked, 0.0)
-        return _fsum(per_row), _fsum(w), x0.dtype == np.float64
+        return _psum(per_row), _psum(w), x0.dtype == np.float64
 
 
 # ---- row losses -------------------------------------------------------------------------------
@@ -830,7 +846,7 @@ class MultiMarginLoss(Accumulator):
         if mm.n:
             _core.row_loss("multi_margin", [mm.x], None, mm.t, mm.w, 0, mm.p, mm.margin, 0.0, 1.0, False, 1.0,
                            row_loss, mm.nthreads)
-        return _fsum(row_loss), float(mm.n), mm.x.dtype == np.float64
+        return _psum(row_loss), float(mm.n), mm.x.dtype == np.float64
 
 
 class TripletMarginLoss(Accumulator):
@@ -855,7 +871,7 @@ class TripletMarginLoss(Accumulator):
                            row_loss, tr.nthreads)
         elif tr.n:
             row_loss[:] = max(tr.margin, 0.0)
-        return _fsum(row_loss), float(tr.n), tr.xs[0].dtype == np.float64
+        return _psum(row_loss), float(tr.n), tr.xs[0].dtype == np.float64
 
 
 class KLDivLogits(Accumulator):
@@ -882,7 +898,7 @@ class KLDivLogits(Accumulator):
         if kl.n:
             _core.row_loss("kl_div_logits", [kl.s, kl.t], None, kl.target, None, kl.ignore_index, 0.0, 0.0, 0.0,
                            kl.T, False, 1.0, row_loss, kl.nthreads)
-        return _fsum(row_loss), kl.denominator, kl.s.dtype == np.float64
+        return _psum(row_loss), kl.denominator, kl.s.dtype == np.float64
 
 
 # ---- the factory ------------------------------------------------------------------------------

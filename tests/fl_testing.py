@@ -225,6 +225,6 @@ def computing_functions() -> dict:
     out = {}
     for name in fastloss.__all__:
         f = getattr(fastloss, name)
-        if callable(f) and getattr(f, "__module__", "") != "fastloss._config":
+        if callable(f) and getattr(f, "__module__", "") not in ("fastloss._config", "fastloss._capi"):
             out.setdefault(f.__name__, f)
     return out

@@ -229,6 +229,23 @@ def _field(c: Cases, rng):
             c.bad(g, "grad_out dtype", lambda gcall=gcall, b=buf64: gcall(grad_out=b))
 
 
+def _linear(c: Cases, rng):
+    """Fused linear + cross-entropy (issue 8): chunks, bias, ignored rows, float16; bad shapes and dtypes."""
+    x, w, b = c.keep(rng.standard_normal((37, 8)).astype(np.float32), rng.standard_normal((11, 8)).astype(np.float32),
+                     rng.standard_normal(11).astype(np.float32))
+    t = c.keep(rng.integers(0, 11, 37))
+    t_ign = c.keep(np.where(np.arange(37) % 3 == 0, -100, t))
+    x16 = c.keep(x.astype(np.float16))
+    for fn in (fastloss.linear_cross_entropy, fastloss.linear_cross_entropy_with_grad):
+        c.ok(fn, "plain", lambda fn=fn: fn(x, w, t))
+        c.ok(fn, "bias, chunks, ignored", lambda fn=fn: fn(x, w, t_ign, linear_bias=b, chunk_size=5))
+        c.ok(fn, "float16 none", lambda fn=fn: fn(x16, w, t, reduction="none", num_threads=1))
+        c.bad(fn, "H mismatch", lambda fn=fn: fn(x, w[:, :5], t))
+        c.bad(fn, "bias length", lambda fn=fn: fn(x, w, t, linear_bias=b[:4]))
+        c.bad(fn, "int input", lambda fn=fn: fn(x.astype(np.int32), w, t))
+        c.bad(fn, "target out of range", lambda fn=fn: fn(x, w, t + 11))
+
+
 @pytest.fixture(scope="module")
 def cases() -> Cases:
     c = Cases()
@@ -236,6 +253,7 @@ def cases() -> Cases:
     _regression(c, rng)
     _classification(c, rng)
     _field(c, rng)
+    _linear(c, rng)
     return c
 
 
