@@ -606,24 +606,22 @@ static __attribute__((noinline)) void ce_block_maxsum_st_f32(const float *v, int
 {
     (void)mref;
     float m = ce_block_max_f32(v, nb), s = 0.0f;
+    float tmp[CE_BLOCK];                              /* 16-bit outputs: e before the split */
     *fp = 1.0;
     if (m > -INFINITY && m < INFINITY) {
-        if (ef) {
-            _Pragma("omp simd reduction(+:s)")
-            for (int64_t i = 0; i < nb; i++) {
-                const float t = (v[i] - m) * 1.44269504088896341f;   /* as ce_expf_sum */
-                const float e = ce_exp2_poly(t);
-                s += e;
-                ef[i] = t < CE_EXP_LO ? 0.0f : e;
-            }
-        } else {
-            _Pragma("omp simd reduction(+:s)")
-            for (int64_t i = 0; i < nb; i++) {
-                const float t = (v[i] - m) * 1.44269504088896341f;
-                const float e = ce_exp2_poly(t);
-                s += e;
-                ce_split_e(t < CE_EXP_LO ? 0.0f : e, eh + i, el + i);
-            }
+        /* float stores only: the loop vectorizes as ce_block_maxsum's (the same sum, bitwise);
+         * 16-bit stores in it would change GCC's vectorization factor, and the sum's order */
+        float *ev = ef ? ef : tmp;
+        _Pragma("omp simd reduction(+:s)")
+        for (int64_t i = 0; i < nb; i++) {
+            const float t = (v[i] - m) * 1.44269504088896341f;   /* as ce_expf_sum */
+            const float e = ce_exp2_poly(t);
+            s += e;
+            ev[i] = t < CE_EXP_LO ? 0.0f : e;
+        }
+        if (!ef) {
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < nb; i++) ce_split_e(tmp[i], eh + i, el + i);
         }
     } else {
         s = m > 0 ? 1.0f : 0.0f;
@@ -853,8 +851,8 @@ CE_PART_OUT(f64, double, double, ce_exp, ce_tanh)
  * already computes e_j = exp(x_j - m_b) for its sum (m_b: the reference max of block b) with the
  * block in L1: it stores them (ce_estore), and the gradient pass needs one exp per BLOCK
  * instead of one per element:
- *   p_j = e_j exp(m_b - lse) / f_b,   o_j = a_b e_j + bb w_j,   a_b = A exp(m_b - lse) / f_b
- * (f_b: see ce_block_maxsum_st_f32).  e_j goes into the output row itself when the output has
+ *   p_j = e_j exp(m_b - lse) f_b,   o_j = a_b e_j + bb w_j,   a_b = A exp((m_b - M) - log S) f_b
+ * (lse = M + log S; f_b: see ce_block_maxsum_st_f32).  e_j goes into the output row itself when the output has
  * the compute type (float32, float64); for float16 / bfloat16 outputs it is rounded to 24 bits
  * (relative error <= 2^-16, far below the output's half ulp of 2^-9 / 2^-12) and split into its
  * high 16 bits, in the output row, and its low 8 bits, in a stack buffer of V bytes.  Against
@@ -875,13 +873,14 @@ CE_PART_OUT(f64, double, double, ce_exp, ce_tanh)
         }                                                                                       \
     }                                                                                           \
     static void ce_part_out_st_##DT(T *out, const uint8_t *lo, int64_t n, const double *cw,     \
-                                    double lse, double A, double B, int64_t t_off, double D,    \
+                                    double M, double lS, double A, double B, int64_t t_off,     \
+                                    double D,                                                   \
                                     const double *bm, const double *bf)                         \
     {                                                                                           \
         const R bb = (R)B;                                                                      \
         for (int64_t b = 0; b < n; b += CE_BLOCK) {                                             \
             const int64_t nb = n - b < CE_BLOCK ? n - b : CE_BLOCK;                             \
-            const R a = (R)(A * (exp(bm[b / CE_BLOCK] - lse) * bf[b / CE_BLOCK]));              \
+            const R a = (R)(A * (exp((bm[b / CE_BLOCK] - M) - lS) * bf[b / CE_BLOCK]));        \
             const int has_t = t_off >= b && t_off < b + nb;                                     \
             const R et = has_t ? LOADE(out, lo, t_off) : (R)0;   /* before the block is written */ \
             ce_block_out_st_##DT(out + b, lo ? lo + b : NULL, nb, cw ? cw + b : NULL, a, bb);   \
@@ -1315,11 +1314,14 @@ static void ce_row_estore(const fl_ce_job *J, int64_t r)
         memset(orow, 0, (size_t)P.n * ce_itemsize(J->dtype));
         return;
     }
+    /* lse = M + log S, kept split: exp((m_b - M) - log S) has no rounding of lse (p_t ~ 1 - 1e-9
+     * in float64 keeps its digits); a +inf logit (M = inf) makes the row NaN, as ce_finish_row */
+    const double M = st.max == INFINITY ? NAN : st.max, lS = log(st.sumexp);
     switch (J->dtype) {
-    case FL_F16: ce_part_out_st_f16((fl_half *)(void *)orow, lo, P.n, cw, R.lse, R.A, R.B, P.t_off, R.D, bm, bf); break;
-    case FL_BF16: ce_part_out_st_bf16((fl_bf16 *)(void *)orow, lo, P.n, cw, R.lse, R.A, R.B, P.t_off, R.D, bm, bf); break;
-    case FL_F32: ce_part_out_st_f32((float *)(void *)orow, NULL, P.n, cw, R.lse, R.A, R.B, P.t_off, R.D, bm, bf); break;
-    default: ce_part_out_st_f64((double *)(void *)orow, NULL, P.n, cw, R.lse, R.A, R.B, P.t_off, R.D, bm, bf); break;
+    case FL_F16: ce_part_out_st_f16((fl_half *)(void *)orow, lo, P.n, cw, M, lS, R.A, R.B, P.t_off, R.D, bm, bf); break;
+    case FL_BF16: ce_part_out_st_bf16((fl_bf16 *)(void *)orow, lo, P.n, cw, M, lS, R.A, R.B, P.t_off, R.D, bm, bf); break;
+    case FL_F32: ce_part_out_st_f32((float *)(void *)orow, NULL, P.n, cw, M, lS, R.A, R.B, P.t_off, R.D, bm, bf); break;
+    default: ce_part_out_st_f64((double *)(void *)orow, NULL, P.n, cw, M, lS, R.A, R.B, P.t_off, R.D, bm, bf); break;
     }
 }
 
