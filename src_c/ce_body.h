@@ -29,7 +29,10 @@
  * 2. Parts merge in order into the row's (max, sumexp) -> lse; so the result never
  *    depends on how rows or parts were spread over threads (bitwise).
  * 3. The gradient (or log_softmax / softmax output) is a second pass over the row, while
- *    it is still in cache for rows up to a few hundred KB.
+ *    it is still in cache for rows up to a few hundred KB.  The gradient of a row of one part
+ *    (V <= CE_PART; class-index target, no softcap) reuses the exponentials of the stats pass,
+ *    stored there: one exp per element for the whole call, not two ("GRAD mode with stored
+ *    exponentials" below).
  * 4. Threads take whole rows when there are enough rows; otherwise (e.g. one row of 256k
  *    classes) they take parts: stats of all parts in parallel, a merge per row, then the
  *    output pass over parts in parallel.
@@ -374,6 +377,121 @@ static __attribute__((noinline)) void ce_block_maxsum_f32(const float *v, int64_
     *sp = s;
 }
 
+/* Store e = exp(t) for the gradient pass (see "GRAD mode with stored exponentials" below):
+ * e is flushed to 0 where t < -126 (y = -inf included), as ce_v_expf; into ef (float), else
+ * rounded to 24 bits and split into eh (high 16 bits) and el (the next 8). */
+static inline void ce_v_store_e(float *ef, uint16_t *eh, uint8_t *el, int64_t i, __mmask16 k, __m512 t,
+                                __m512 e)
+{
+    const __m512 ev = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ), e);
+    if (ef) {
+        _mm512_mask_storeu_ps(ef + i, k, ev);            /* k: the lanes of this block */
+        return;
+    }
+    const __m512i u = _mm512_add_epi32(_mm512_castps_si512(ev), _mm512_set1_epi32(0x80));
+    _mm512_mask_cvtepi32_storeu_epi16(eh + i, k, _mm512_srli_epi32(u, 16));
+    _mm512_mask_cvtepi32_storeu_epi8(el + i, k, _mm512_srli_epi32(u, 8));
+}
+
+/* ce_v_sumexp, storing each term (flushed) as ce_v_store_e: the sum is bitwise the same. */
+static inline float ce_v_sumexp_st(const float *v, int64_t nb, float m, int exact, float *ef, uint16_t *eh,
+                                   uint8_t *el)
+{
+    const float L = 1.44269504088896341f;
+    const float mhi = m * L, delta = fmaf(m, L, -mhi);
+    const __m512 Lv = _mm512_set1_ps(L), mv = _mm512_set1_ps(m), nmhi = _mm512_set1_ps(-mhi),
+                 lo = _mm512_set1_ps(-126.0f);
+    const __mmask16 all = (__mmask16)0xFFFF;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    /* a masked-off lane's store is masked too: eh, el, ef hold nb entries exactly */
+#define CE_V_SUMLOOP_ST(T)                                                                       \
+    for (; i + 32 <= nb; i += 32) {                                                              \
+        const __m512 t0 = T(_mm512_loadu_ps(v + i)), t1 = T(_mm512_loadu_ps(v + i + 16));        \
+        const __m512 e0 = ce_v_exp2_poly(_mm512_max_ps(lo, t0));                                  \
+        const __m512 e1 = ce_v_exp2_poly(_mm512_max_ps(lo, t1));                                  \
+        s0 = _mm512_add_ps(s0, e0);                                                              \
+        s1 = _mm512_add_ps(s1, e1);                                                              \
+        ce_v_store_e(ef, eh, el, i, all, t0, e0);                                                \
+        ce_v_store_e(ef, eh, el, i + 16, all, t1, e1);                                           \
+    }                                                                                            \
+    for (; i + 16 <= nb; i += 16) {                                                              \
+        const __m512 t0 = T(_mm512_loadu_ps(v + i));                                             \
+        const __m512 e0 = ce_v_exp2_poly(_mm512_max_ps(lo, t0));                                  \
+        s0 = _mm512_add_ps(s0, e0);                                                              \
+        ce_v_store_e(ef, eh, el, i, all, t0, e0);                                                \
+    }                                                                                            \
+    if (i < nb) {                                                                                \
+        const __mmask16 k = ce_v_tail(nb - i);                                                   \
+        const __m512 t0 = T(_mm512_maskz_loadu_ps(k, v + i));                                    \
+        const __m512 e = ce_v_exp2_poly(_mm512_max_ps(lo, t0));                                  \
+        s1 = _mm512_mask_add_ps(s1, k, s1, e);                                                   \
+        ce_v_store_e(ef, eh, el, i, k, t0, e);                                                   \
+    }
+#define CE_V_T_EXACT(x) _mm512_mul_ps(_mm512_sub_ps((x), mv), Lv)
+#define CE_V_T_FOLD(x) _mm512_fmadd_ps((x), Lv, nmhi)
+    if (exact) {
+        CE_V_SUMLOOP_ST(CE_V_T_EXACT)
+    } else {
+        CE_V_SUMLOOP_ST(CE_V_T_FOLD)
+    }
+#undef CE_V_SUMLOOP_ST
+#undef CE_V_T_EXACT
+#undef CE_V_T_FOLD
+    const float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    return exact || delta == 0.0f ? s : (float)((double)s * exp2(-(double)delta));
+}
+
+/* ce_block_maxsum_f32 storing the block's terms e_j (ce_v_sumexp_st) for the gradient pass:
+ * on return e_j = exp(x_j - *mp) / *fp (*fp = 2^-delta when the block was summed against the
+ * reference by the folded exponent, else 1).  A non-finite block stores zeros (it makes the row
+ * NaN, or, all -inf, has p = 0). */
+static __attribute__((noinline)) void ce_block_maxsum_st_f32(const float *v, int64_t nb, float mref, float *mp,
+                                                             float *sp, double *fp, float *ef, uint16_t *eh,
+                                                             uint8_t *el)
+{
+    *fp = 1.0;
+    if (mref > -INFINITY && mref < INFINITY) {
+        const float s = ce_v_sumexp_st(v, nb, mref, 0, ef, eh, el);
+        if (s < 256.0f) {
+            const float L = 1.44269504088896341f;
+            const float mhi = mref * L, delta = fmaf(mref, L, -mhi);
+            *fp = delta == 0.0f ? 1.0 : exp2(-(double)delta);
+            *mp = mref;
+            *sp = s;
+            return;
+        }
+    }
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+    int64_t i = 0;
+    for (; i + 64 <= nb; i += 64) {
+        m0 = _mm512_max_ps(_mm512_loadu_ps(v + i), m0);
+        m1 = _mm512_max_ps(_mm512_loadu_ps(v + i + 16), m1);
+        m2 = _mm512_max_ps(_mm512_loadu_ps(v + i + 32), m2);
+        m3 = _mm512_max_ps(_mm512_loadu_ps(v + i + 48), m3);
+    }
+    for (; i + 16 <= nb; i += 16) m0 = _mm512_max_ps(_mm512_loadu_ps(v + i), m0);
+    if (i < nb) m1 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, ce_v_tail(nb - i), v + i), m1);
+    float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+    float s;
+    if (m > -INFINITY && m < INFINITY) {
+        s = ce_v_sumexp_st(v, nb, m, 1, ef, eh, el);
+    } else {
+        s = m > 0 ? 1.0f : 0.0f;
+        for (i = 0; i < nb; i++)
+            if (v[i] != v[i]) { s = NAN; m = NAN; break; }
+        if (ef) {
+            memset(ef, 0, (size_t)nb * sizeof(float));
+        } else {
+            memset(eh, 0, (size_t)nb * sizeof(uint16_t));
+            memset(el, 0, (size_t)nb);
+        }
+    }
+    *mp = m;
+    *sp = s;
+}
+
 /* ce_block_out_f32 (see CE_BLOCK_OUT below for the contract), 16 classes at a time */
 #define CE_V_LOOP(BODY)                                                                         \
     for (int64_t i = 0; i < nb; i += 16) {                                                      \
@@ -467,6 +585,91 @@ CE_BLOCK_MAXSUM(f64, double, ce_exp, ce_exp(v[i] - m))
 #define ce_block_maxsum_f16 ce_block_maxsum_f32     /* 16-bit rows are computed in float */
 #define ce_block_maxsum_bf16 ce_block_maxsum_f32
 
+/* ce_block_maxsum storing each term of the sum for the gradient pass (see "GRAD mode with
+ * stored exponentials" below): e_j = exp(x_j - *mp) flushed as ce_expf / ce_exp, into ef (the
+ * compute type), else (float) rounded to 24 bits and split into eh (high 16 bits) and el (the
+ * next 8).  The sum is computed exactly as ce_block_maxsum's (same terms, same loop), so the
+ * loss does not depend on the mode.  A non-finite block stores zeros.  *fp = 1 (the AVX-512
+ * variant may sum against a shifted reference, see there). */
+static inline void ce_split_e(float e, uint16_t *eh, uint8_t *el)
+{
+    const uint32_t u = fl_f32_to_bits(e) + 0x80u;      /* round to 24 bits (e >= 0, finite or NaN) */
+    *eh = (uint16_t)(u >> 16);
+    *el = (uint8_t)(u >> 8);
+}
+static inline float ce_join_e(uint16_t eh, uint8_t el)
+{
+    return fl_bits_to_f32(((uint32_t)eh << 16) | ((uint32_t)el << 8));
+}
+
+#if !defined(FL_CE_AVX512)
+static __attribute__((noinline)) void ce_block_maxsum_st_f32(const float *v, int64_t nb, float mref, float *mp,
+                                                             float *sp, double *fp, float *ef, uint16_t *eh,
+                                                             uint8_t *el)
+{
+    (void)mref;
+    float m = ce_block_max_f32(v, nb), s = 0.0f;
+    float tmp[CE_BLOCK];                              /* 16-bit outputs: e before the split */
+    *fp = 1.0;
+    if (m > -INFINITY && m < INFINITY) {
+        /* float stores only: the loop vectorizes as ce_block_maxsum's (the same sum, bitwise);
+         * 16-bit stores in it would change GCC's vectorization factor, and the sum's order */
+        float *ev = ef ? ef : tmp;
+        _Pragma("omp simd reduction(+:s)")
+        for (int64_t i = 0; i < nb; i++) {
+            const float t = (v[i] - m) * 1.44269504088896341f;   /* as ce_expf_sum */
+            const float e = ce_exp2_poly(t);
+            s += e;
+            ev[i] = t < CE_EXP_LO ? 0.0f : e;
+        }
+        if (!ef) {
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < nb; i++) ce_split_e(tmp[i], eh + i, el + i);
+        }
+    } else {
+        s = m > 0 ? 1.0f : 0.0f;
+        for (int64_t i = 0; i < nb; i++)
+            if (v[i] != v[i]) { s = NAN; m = NAN; break; }
+        if (ef) {
+            memset(ef, 0, (size_t)nb * sizeof(float));
+        } else {
+            memset(eh, 0, (size_t)nb * sizeof(uint16_t));
+            memset(el, 0, (size_t)nb);
+        }
+    }
+    *mp = m;
+    *sp = s;
+}
+#endif
+
+static __attribute__((noinline)) void ce_block_maxsum_st_f64(const double *v, int64_t nb, double mref, double *mp,
+                                                             double *sp, double *fp, double *ef, uint16_t *eh,
+                                                             uint8_t *el)
+{
+    (void)mref;
+    (void)eh;
+    (void)el;                                         /* float64 stores e in its own output */
+    double m = ce_block_max_f64(v, nb), s = 0.0;
+    *fp = 1.0;
+    if (m > -INFINITY && m < INFINITY) {
+        _Pragma("omp simd reduction(+:s)")
+        for (int64_t i = 0; i < nb; i++) {
+            const double e = ce_exp(v[i] - m);        /* flushed below 2^-1022 */
+            s += e;
+            ef[i] = e;
+        }
+    } else {
+        s = m > 0 ? 1.0 : 0.0;
+        for (int64_t i = 0; i < nb; i++)
+            if (v[i] != v[i]) { s = NAN; m = NAN; break; }
+        memset(ef, 0, (size_t)nb * sizeof(double));
+    }
+    *mp = m;
+    *sp = s;
+}
+#define ce_block_maxsum_st_f16 ce_block_maxsum_st_f32
+#define ce_block_maxsum_st_bf16 ce_block_maxsum_st_f32
+
 /* Rank of the target among a block's classes (for top-k accuracy; see fl_ce_job.row_rank):
  * #{i : v_i > xy, or v_i == xy and i < lim} with NaN ordered above every number (as np.argmax
  * and np.sort), ties among NaN by index; lim = the target's position relative to the block,
@@ -509,10 +712,22 @@ CE_TARGET_VALUE(bf16, fl_bf16, float)
 CE_TARGET_VALUE(f32, float, float)
 CE_TARGET_VALUE(f64, double, double)
 
+/* Where the stats pass stores its terms e_j (GRAD mode with stored exponentials; NULL: not).
+ * e: the compute type (the output row); else hi / lo: 16-bit outputs (ce_split_e).  Per block
+ * k the reference max bm[k] and factor bf[k]: e_j = exp(x_j - bm[k]) / bf[k].  inplace: the
+ * output row is the logits row (e must not overwrite a block before the block is done). */
+typedef struct {
+    void *e;
+    uint16_t *hi;
+    uint8_t *lo;
+    double *bm, *bf;
+    int inplace;
+} ce_estore;
+
 #define CE_PART_STATS(DT, T, R, EXP)                                                           \
     static void ce_part_stats_##DT(const T *x, int64_t n, int64_t t_off, int need_wx,         \
                                    const double *cw, R cap, R inv_cap, int rank, R xy,         \
-                                   int64_t t_rel, ce_stats *st)                                \
+                                   int64_t t_rel, ce_stats *st, const ce_estore *es)           \
     {                                                                                          \
         R buf[CE_BLOCK];                                                                       \
         double M = -INFINITY, S = 0.0, WX = 0.0;                                               \
@@ -523,7 +738,20 @@ CE_TARGET_VALUE(f64, double, double)
             const R *v = ce_load_##DT(x + b, buf, nb, cap, inv_cap);                           \
             if (t_off >= b && t_off < b + nb) st->xt = (double)v[t_off - b];                   \
             R m, s, wx = 0;                                                                    \
-            ce_block_maxsum_##DT(v, nb, (R)M, &m, &s);                                               \
+            if (!es) {                                                                         \
+                ce_block_maxsum_##DT(v, nb, (R)M, &m, &s);                                     \
+            } else {                  /* in place: e overwrites the block, v read from buf */  \
+                if (es->inplace && v != buf) {                                                 \
+                    memcpy(buf, v, (size_t)nb * sizeof(R));                                    \
+                    v = buf;                                                                   \
+                }                                                                              \
+                R mb;                                                                          \
+                ce_block_maxsum_st_##DT(v, nb, (R)M, &mb, &s, &es->bf[b / CE_BLOCK],           \
+                                        es->e ? (R *)es->e + b : NULL, es->hi ? es->hi + b : NULL, \
+                                        es->lo ? es->lo + b : NULL);                           \
+                m = mb;                                                                        \
+                es->bm[b / CE_BLOCK] = (double)mb;                                             \
+            }                                                                                  \
             if (rank) {               /* same pass: the block is in L1 */                      \
                 const int64_t lim = t_rel - b < 0 ? 0 : (t_rel - b > nb ? nb : t_rel - b);     \
                 C += ce_block_rank_##DT(v, nb, xy, lim);                                       \
@@ -620,6 +848,58 @@ CE_PART_OUT(f16, fl_half, float, ce_expf, ce_tanhf)
 CE_PART_OUT(bf16, fl_bf16, float, ce_expf, ce_tanhf)
 CE_PART_OUT(f32, float, float, ce_expf, ce_tanhf)
 CE_PART_OUT(f64, double, double, ce_exp, ce_tanh)
+
+/* ---- GRAD mode with stored exponentials ----------------------------------------------------
+ * For rows of one part (V <= CE_PART) with a class-index target and no softcap, the stats pass
+ * already computes e_j = exp(x_j - m_b) for its sum (m_b: the reference max of block b) with the
+ * block in L1: it stores them (ce_estore), and the gradient pass needs one exp per BLOCK
+ * instead of one per element:
+ *   p_j = e_j exp(m_b - lse) f_b,   o_j = a_b e_j + bb w_j,   a_b = A exp((m_b - M) - log S) f_b
+ * (lse = M + log S; f_b: see ce_block_maxsum_st_f32).  e_j goes into the output row itself when the output has
+ * the compute type (float32, float64); for float16 / bfloat16 outputs it is rounded to 24 bits
+ * (relative error <= 2^-16, far below the output's half ulp of 2^-9 / 2^-12) and split into its
+ * high 16 bits, in the output row, and its low 8 bits, in a stack buffer of V bytes.  Against
+ * exp(x_j - lse): the same exp error (of an argument x_j - m_b formed as in the sum) plus one
+ * rounding of a_b and of its product with e_j (measured against a float64 reference: float32
+ * gradients as accurate or better, float64 within a few ulp of the former path, 16-bit outputs
+ * unchanged but for last-bit flips).  The loss is bitwise that of the forward (the sums are
+ * unchanged).  The output pass drops its exp (~10 of ~25 vector ops per 16 classes); the stats
+ * pass gains the stores, and in place (out == logits) a copy of each block to the stack. */
+#define CE_PART_OUT_ST(DT, T, R, LOADE)                                                         \
+    static __attribute__((noinline)) void ce_block_out_st_##DT(T *o, const uint8_t *lo, int64_t nb, \
+                                                               const double *cw, R a, R bb)     \
+    {                                                                                           \
+        (void)lo;                                                                               \
+        if (cw) {                                                                               \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++) o[i] = CE_ST_##DT(a * LOADE(o, lo, i) + bb * (R)cw[i]); \
+        } else {                                                                                \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < nb; i++) o[i] = CE_ST_##DT(a * LOADE(o, lo, i) + bb);       \
+        }                                                                                       \
+    }                                                                                           \
+    static void ce_part_out_st_##DT(T *out, const uint8_t *lo, int64_t n, const double *cw,     \
+                                    double M, double lS, double A, double B, int64_t t_off,     \
+                                    double D,                                                   \
+                                    const double *bm, const double *bf)                         \
+    {                                                                                           \
+        const R bb = (R)B;                                                                      \
+        for (int64_t b = 0; b < n; b += CE_BLOCK) {                                             \
+            const int64_t nb = n - b < CE_BLOCK ? n - b : CE_BLOCK;                             \
+            const R a = (R)(A * (exp((bm[b / CE_BLOCK] - M) - lS) * bf[b / CE_BLOCK]));        \
+            const int has_t = t_off >= b && t_off < b + nb;                                     \
+            const R et = has_t ? LOADE(out, lo, t_off) : (R)0;   /* before the block is written */ \
+            ce_block_out_st_##DT(out + b, lo ? lo + b : NULL, nb, cw ? cw + b : NULL, a, bb);   \
+            if (has_t) out[t_off] = CE_ST_##DT(a * et + bb * (cw ? (R)cw[t_off] : (R)1) + (R)D); \
+        }                                                                                       \
+    }
+
+#define CE_LOADE_SELF(o, lo, i) (o)[i]
+#define CE_LOADE_SPLIT(o, lo, i) ce_join_e((o)[i], (lo)[i])
+CE_PART_OUT_ST(f16, fl_half, float, CE_LOADE_SPLIT)
+CE_PART_OUT_ST(bf16, fl_bf16, float, CE_LOADE_SPLIT)
+CE_PART_OUT_ST(f32, float, float, CE_LOADE_SELF)
+CE_PART_OUT_ST(f64, double, double, CE_LOADE_SELF)
 
 /* ---- soft targets: a row q of class probabilities ---------------------------------------- */
 
@@ -881,10 +1161,10 @@ static void ce_stats_part(const fl_ce_job *J, int64_t r, int64_t part, ce_stats 
     const float xyf = (float)xy;                  /* exact: xy came from a float */
     st->xt = 0.0;
     switch (J->dtype) {
-    case FL_F16: ce_part_stats_f16((const fl_half *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st); break;
-    case FL_BF16: ce_part_stats_bf16((const fl_bf16 *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st); break;
-    case FL_F32: ce_part_stats_f32((const float *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st); break;
-    default: ce_part_stats_f64((const double *)P.row + P.j0, P.n, P.t_off, need_wx, cw, P.cap, P.inv_cap, rk, xy, t_rel, st); break;
+    case FL_F16: ce_part_stats_f16((const fl_half *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st, NULL); break;
+    case FL_BF16: ce_part_stats_bf16((const fl_bf16 *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st, NULL); break;
+    case FL_F32: ce_part_stats_f32((const float *)P.row + P.j0, P.n, P.t_off, need_wx, cw, cf, icf, rk, xyf, t_rel, st, NULL); break;
+    default: ce_part_stats_f64((const double *)P.row + P.j0, P.n, P.t_off, need_wx, cw, P.cap, P.inv_cap, rk, xy, t_rel, st, NULL); break;
     }
 }
 
@@ -1008,6 +1288,49 @@ static void ce_out_part(const fl_ce_job *J, int64_t r, int64_t part, const ce_ro
     }
 }
 
+/* Whether the GRAD output uses the stored exponentials (see above): decided per call from the
+ * job alone, never from the thread count (rows of one part always take the rows path). */
+static int ce_use_estore(const fl_ce_job *J)
+{
+    return J->mode == FL_CE_OUT_GRAD && J->target && !J->soft_target && !(J->softcap > 0) && J->V <= CE_PART;
+}
+
+/* Row r of a ce_use_estore job: stats storing e, the row's results, the gradient from e. */
+static void ce_row_estore(const fl_ce_job *J, int64_t r)
+{
+    uint8_t lo[CE_PART];                              /* 16-bit outputs: e's low bytes (32 KB) */
+    double bm[CE_PART / CE_BLOCK], bf[CE_PART / CE_BLOCK];
+    const ce_part_view P = ce_part(J, r, 0);
+    char *orow = (char *)J->out + ce_row_offset(J, J->out_strides, r);
+    const int half = J->dtype == FL_F16 || J->dtype == FL_BF16;
+    const ce_estore es = {half ? NULL : (void *)orow, half ? (uint16_t *)(void *)orow : NULL, half ? lo : NULL,
+                          bm, bf, (const void *)orow == (const void *)P.row};
+    const int need_wx = J->label_smoothing != 0.0;
+    const double *cw = (need_wx && J->class_weight) ? J->class_weight : NULL;
+    ce_stats st;
+    st.xt = 0.0;
+    switch (J->dtype) {
+    case FL_F16: ce_part_stats_f16((const fl_half *)P.row, P.n, P.t_off, need_wx, cw, 0.0f, 0.0f, 0, 0.0f, 0, &st, &es); break;
+    case FL_BF16: ce_part_stats_bf16((const fl_bf16 *)P.row, P.n, P.t_off, need_wx, cw, 0.0f, 0.0f, 0, 0.0f, 0, &st, &es); break;
+    case FL_F32: ce_part_stats_f32((const float *)P.row, P.n, P.t_off, need_wx, cw, 0.0f, 0.0f, 0, 0.0f, 0, &st, &es); break;
+    default: ce_part_stats_f64((const double *)P.row, P.n, P.t_off, need_wx, cw, 0.0, 0.0, 0, 0.0, 0, &st, &es); break;
+    }
+    const ce_row R = ce_finish_row(J, r, &st, 1);
+    if (!R.active) {                                  /* ignored row: zero gradient */
+        memset(orow, 0, (size_t)P.n * ce_itemsize(J->dtype));
+        return;
+    }
+    /* lse = M + log S, kept split: exp((m_b - M) - log S) has no rounding of lse (p_t ~ 1 - 1e-9
+     * in float64 keeps its digits); a +inf logit (M = inf) makes the row NaN, as ce_finish_row */
+    const double M = st.max == INFINITY ? NAN : st.max, lS = log(st.sumexp);
+    switch (J->dtype) {
+    case FL_F16: ce_part_out_st_f16((fl_half *)(void *)orow, lo, P.n, cw, M, lS, R.A, R.B, P.t_off, R.D, bm, bf); break;
+    case FL_BF16: ce_part_out_st_bf16((fl_bf16 *)(void *)orow, lo, P.n, cw, M, lS, R.A, R.B, P.t_off, R.D, bm, bf); break;
+    case FL_F32: ce_part_out_st_f32((float *)(void *)orow, NULL, P.n, cw, M, lS, R.A, R.B, P.t_off, R.D, bm, bf); break;
+    default: ce_part_out_st_f64((double *)(void *)orow, NULL, P.n, cw, M, lS, R.A, R.B, P.t_off, R.D, bm, bf); break;
+    }
+}
+
 static int ce_run(const fl_ce_job *J, int nthreads)
 {
     if (J->V < 1 || J->row_ndim < 0 || J->row_ndim > FL_MAX_NDIM) return FL_ERR_ARG;
@@ -1036,12 +1359,17 @@ static int ce_run(const fl_ce_job *J, int nthreads)
     if (nt > total / 16384) nt = total / 16384;
     if (nt < 1) nt = 1;
 
+    const int estore = ce_use_estore(J);                 /* implies nparts == 1: the rows path */
     if ((n_rows >= nt || nparts == 1) && nparts <= CE_STACK_PARTS) {
         /* rows across threads: each row's parts, then its output while it is in cache */
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads((int)nt) if (nt > 1)
 #endif
         for (int64_t r = 0; r < n_rows; r++) {
+            if (estore) {
+                ce_row_estore(J, r);
+                continue;
+            }
             ce_stats st[CE_STACK_PARTS];
             const double xy = ce_row_target_value(J, r);      /* the target logit first (rank) */
             for (int64_t k = 0; k < nparts; k++) ce_stats_part(J, r, k, &st[k], xy);
