@@ -12,12 +12,14 @@ Every reducible loss is ``num / den``: a sum of (weighted) per-element or per-ro
 divided by a denominator that is also a sum (the sum of weights, the element count, the
 number of non-ignored rows, ...), or ``num`` alone for ``reduction="sum"``.  Each chunk's
 ``num`` and ``den`` come out of the C kernels in float64 (``_core.pointwise`` returns the
-double sums of its fixed blocks; the row kernels return double row losses, summed here with
-``math.fsum``, correctly rounded), never rounded to float32; the accumulator adds the chunk
-sums with Neumaier's compensated summation (a running sum and its error term).  So the
-result over any chunking, in any merge order, equals the one-shot result within 2 ulp of
-the result dtype (the one-shot result's own rounding included).  The state is plain float64
-(Python floats, small NumPy arrays, ints): accumulators pickle.
+double sums of its fixed blocks; for float64 input, and for the row kernels' double row
+losses, ``_core.sum_f64`` gives each chunk's sum as a (sum, compensation) pair), never
+rounded to float32; the accumulator adds them with Neumaier's compensated summation (a
+running sum and its error term).  So the result over any chunking, in any merge order,
+equals the one-shot result within 2 ulp of the result dtype (the one-shot result's own
+rounding included); a perplexity, exp of such a mean, multiplies the mean's error by
+|log ppl| (float64: 2 + 2 ceil|log ppl| ulp).  The state is plain float64 (Python floats,
+small NumPy arrays, ints): accumulators pickle.
 
 The result dtype follows the one-shot function on the concatenated data: float64 if any
 chunk was float64, else float32.  Empty accumulator (no update, or only empty chunks):
