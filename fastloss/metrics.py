@@ -180,9 +180,9 @@ def _index(value, name: str) -> int:
 def _pointwise_sums(op, param, param2, p, pw=None):
     """(sum of w*l, sum of w, number outside the domain) of a prepared pointwise call (all axes).
 
-    float64 input: the elementwise double losses from the kernel, summed with fsum (correctly
-    rounded: the float64 result is then within an ulp of exact over any chunking); otherwise
-    the kernel's double block sums (error far below a float32 ulp)."""
+    float64 input: the elementwise double losses from the kernel, summed by ``_core.sum_f64``
+    as a (sum, compensation) pair (the float64 result is then within an ulp of exact over any
+    chunking); otherwise the kernel's double block sums (error far below a float32 ulp)."""
     n = p.x.size
     if n == 0:
         return 0.0, 0.0, 0
@@ -612,7 +612,8 @@ def _ce_rows(ce, want_rank: bool):
 
 
 def _ce_denominator(ce) -> float:
-    """The denominator of the one-shot mean (classification._CE.denominator), summed with fsum."""
+    """The denominator of the one-shot mean (classification._CE.denominator), as a compensated
+    (sum, compensation) pair from ``_core.sum_f64`` where it is a sum of weights."""
     n = math.prod(ce.rows_shape)
     if ce.q is not None:
         return _psum(ce.sw) if ce.sw is not None else float(n)
