@@ -448,6 +448,32 @@ def logsumexp(x, axis=-1, *, num_threads=None):
     return lse.astype(_loss_dtype(v)).reshape(v.shape[:-1])
 
 
+def _log_probs_array(log_probs) -> np.ndarray:
+    """``log_probs`` as a float array with a non-empty class axis (last), else the error."""
+    x0 = as_float_array(log_probs, "log_probs")
+    if x0.ndim == 0:
+        raise ValueError("log_probs must have at least one dimension (the classes)")
+    if x0.shape[-1] == 0:
+        raise ValueError("log_probs have 0 classes")
+    return x0
+
+
+def _nll_rows(x0: np.ndarray, target, weight, ignore_index: int):
+    """Per row (flattened, float64): the loss -w[t] x[t] and the weight w[t], both 0 on ignored
+    rows (w = class weights, 1 without).  Used by nll_loss and its streaming accumulator."""
+    V = x0.shape[-1]
+    rows_shape = x0.shape[:-1]
+    t = _hard_target(target, x0.shape, x0.ndim - 1, rows_shape, V, ignore_index, func="nll_loss")
+    cw, _ = _weights(weight, None, V, rows_shape)
+    active = t != ignore_index
+    safe_t = np.where(active, t, 0)
+    picked = np.take_along_axis(x0.reshape(-1, V), safe_t[:, None], axis=1)[:, 0].astype(np.float64)
+    w = np.where(active, cw[safe_t] if cw is not None else 1.0, 0.0)
+    with np.errstate(invalid="ignore"):
+        per_row = np.where(active, -w * picked, 0.0)
+    return per_row, w
+
+
 def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="mean", num_threads=None):
     """Negative log-likelihood of log-probabilities, ``torch.nn.functional.nll_loss``.
 
@@ -459,26 +485,14 @@ def nll_loss(log_probs, target, *, weight=None, ignore_index=-100, reduction="me
     >>> fastloss.nll_loss(np.log(np.array([[0.5, 0.5], [0.25, 0.75]])), np.array([0, 1]))
     np.float64(0.4904146265058631)
     """
-    x0 = as_float_array(log_probs, "log_probs")
-    if x0.ndim == 0:
-        raise ValueError("log_probs must have at least one dimension (the classes)")
-    V = x0.shape[-1]
-    if V == 0:
-        raise ValueError("log_probs have 0 classes")
+    x0 = _log_probs_array(log_probs)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _int64(ignore_index, "ignore_index")
     reduction = check_reduction(reduction)
     resolve_num_threads(num_threads)          # validated; the gather is O(rows)
     rows_shape = x0.shape[:-1]
-    t = _hard_target(target, x0.shape, x0.ndim - 1, rows_shape, V, int(ignore_index), func="nll_loss")
-    cw, _ = _weights(weight, None, V, rows_shape)
-    active = t != ignore_index
-    safe_t = np.where(active, t, 0)
-    picked = np.take_along_axis(x0.reshape(-1, V), safe_t[:, None], axis=1)[:, 0].astype(np.float64)
-    w = np.where(active, cw[safe_t] if cw is not None else 1.0, 0.0)
-    with np.errstate(invalid="ignore"):
-        per_row = np.where(active, -w * picked, 0.0)
+    per_row, w = _nll_rows(x0, target, weight, int(ignore_index))
     dt = _loss_dtype(x0)
     if reduction == "none":
         return per_row.astype(dt).reshape(rows_shape)

@@ -69,7 +69,7 @@ __all__ = ["accumulator", "Accumulator", "MSELoss", "L1Loss", "HuberLoss", "Smoo
            "BCEWithLogitsLoss", "SigmoidFocalLoss", "HingeLoss", "KLDivLoss", "CrossEntropy", "Perplexity",
            "NLLLoss", "MultiMarginLoss", "TripletMarginLoss", "KLDivLogits", "ACCUMULATORS"]
 
-_F32_OVERFLOW = (2.0 - 2.0 ** -24) * 2.0 ** 127
+_F32_OVERFLOW = margin._F32_OVERFLOW     # the smallest double that rounds to float32 inf
 
 
 # ---- compensated sums -----------------------------------------------------------------------
@@ -157,15 +157,6 @@ def _same(a, b) -> bool:
     if isinstance(a, tuple) or isinstance(b, tuple):
         return tuple(a) == tuple(b) if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) else False
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-
-
-def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
 
 
 def _index(value, name: str) -> int:
@@ -807,22 +798,8 @@ class NLLLoss(Accumulator):
     def _chunk(self, operands, data, nthreads):
         if len(operands) != 2:
             raise TypeError(f"nll_loss update() takes (log_probs, target), got {len(operands)} positional arguments")
-        x0 = as_float_array(operands[0], "log_probs")
-        if x0.ndim == 0:
-            raise ValueError("log_probs must have at least one dimension (the classes)")
-        V = x0.shape[-1]
-        if V == 0:
-            raise ValueError("log_probs have 0 classes")
-        ii = self.options["ignore_index"]
-        rows_shape = x0.shape[:-1]
-        t = classification._hard_target(operands[1], x0.shape, x0.ndim - 1, rows_shape, V, ii, func="nll_loss")
-        cw, _ = classification._weights(self.options["weight"], None, V, rows_shape)
-        active = t != ii
-        safe_t = np.where(active, t, 0)
-        picked = np.take_along_axis(x0.reshape(-1, V), safe_t[:, None], axis=1)[:, 0].astype(np.float64)
-        w = np.where(active, cw[safe_t] if cw is not None else 1.0, 0.0)
-        with np.errstate(invalid="ignore"):
-            per_row = np.where(active, -w * picked, 0.0)
+        x0 = classification._log_probs_array(operands[0])
+        per_row, w = classification._nll_rows(x0, operands[1], self.options["weight"], self.options["ignore_index"])
         return _psum(per_row), _psum(w), x0.dtype == np.float64
 
 
