@@ -170,6 +170,30 @@ def _gemm_accumulate(acc: np.ndarray, g: np.ndarray, x: np.ndarray, tmp_holder: 
         np.add(acc[v0:v1], t, out=acc[v0:v1])
 
 
+class NumpyGemm:
+    """The three products of a chunk with NumPy's BLAS (the default of :class:`_LCE.run`).
+
+    ``logits(out, x, w)``: out = x @ w.T; ``accumulate(acc, g, x)``: acc += g.T @ x;
+    ``gx(out, g, w)``: out = g @ w; ``threads()``: a context under which they run (BLAS limited
+    to ``nthreads`` by threadpoolctl).  ``fastloss.torch`` passes one that calls torch's BLAS."""
+
+    def __init__(self, nthreads: int):
+        self.nthreads = nthreads
+        self._tmp: list = []
+
+    def threads(self):
+        return _blas_threads(self.nthreads)
+
+    def logits(self, out, x, w):
+        np.matmul(x, w.T, out=out)
+
+    def accumulate(self, acc, g, x):
+        _gemm_accumulate(acc, g, x, self._tmp)
+
+    def gx(self, out, g, w):
+        _gemm_gx(out, g, w, self.nthreads)
+
+
 # ---- the call ---------------------------------------------------------------------------------
 
 def _check_chunk_size(chunk_size):
@@ -257,7 +281,11 @@ class _LCE:
             total = math.copysign(math.inf, total)
         return self.loss_dtype.type(total)
 
-    def run(self, grad: bool):
+    def run(self, grad: bool, need=("input", "weight", "bias"), gemm=None):
+        """The loss (grad False) or (loss, grad_input, grad_linear_weight, grad_linear_bias).
+
+        `need`: which gradients to compute (the others are None and cost no GEMM); `gemm`: the
+        object that runs the three products (default :class:`NumpyGemm`)."""
         N, H, V, cd = self.N, self.H, self.V, self.compute
         x2 = self.x0.reshape(N, H)                    # a view unless the row axes cannot merge
         # float16/bfloat16 (or mixed) weights: one float32 copy of W for BLAS (documented).
@@ -272,21 +300,24 @@ class _LCE:
         row_loss = np.zeros(N, dtype=np.float64)
         gx = gw = gb = None
         if grad:
-            gx = np.empty((N, H), dtype=self.x0.dtype)
-            gw = np.zeros((V, H), dtype=cd)
-            if bc is not None:
+            if "input" in need:
+                gx = np.empty((N, H), dtype=self.x0.dtype)
+            if "weight" in need:
+                gw = np.zeros((V, H), dtype=cd)
+            if bc is not None and "bias" in need:
                 gb = np.zeros(V, dtype=np.float64)
+        if gemm is None:
+            gemm = NumpyGemm(self.nthreads)
         if N == 0:
             return self._finish(row_loss, grad, gx, gw, gb)
         buf = np.empty((C, V), dtype=cd)              # THE chunk of logits (then of gradients)
         rl = np.empty(C, dtype=np.float64)
         xbuf = None                                   # (C, H): gathered / converted rows
         ones = np.ones(C, dtype=cd) if gb is not None else None
-        tmp_holder: list = []
         x_direct = x2.dtype == cd and _blasable(x2)
         gx_direct = gx is not None and gx.dtype == cd
         ii = self.ignore_index
-        with _blas_threads(self.nthreads):
+        with gemm.threads():
             for s in range(0, N, C):
                 e = min(N, s + C)
                 rows = None                           # None: every row of the chunk is used
@@ -321,7 +352,7 @@ class _LCE:
                         xc[...] = x2[rows]
                 # 2. logits
                 L = buf[:k]
-                np.matmul(xc, wc.T, out=L)
+                gemm.logits(L, xc, wc)
                 if bc is not None:
                     np.add(L, bc, out=L)
                 # 3. loss (and gradient in place)
@@ -337,16 +368,19 @@ class _LCE:
                 if not grad:
                     continue
                 # 4. gradients
-                _gemm_accumulate(gw, L, xc, tmp_holder)
+                if gw is not None:
+                    gemm.accumulate(gw, L, xc)
                 if gb is not None:
                     gb += np.matmul(ones[:k], L)
+                if gx is None:
+                    continue
                 if rows is None and gx_direct:
-                    _gemm_gx(gx[s:e], L, wc, self.nthreads)
+                    gemm.gx(gx[s:e], L, wc)
                 else:
                     if xbuf is None:
                         xbuf = np.empty((C, H), dtype=cd)
                     gk = xbuf[:k]                     # x_k is no longer needed
-                    _gemm_gx(gk, L, wc, self.nthreads)
+                    gemm.gx(gk, L, wc)
                     if rows is None:
                         gx[s:e] = gk
                     else:
@@ -358,9 +392,11 @@ class _LCE:
         loss = self._reduce(row_loss)
         if not grad:
             return loss
-        gx = gx.reshape(self.x0.shape)
+        if gx is not None:
+            gx = gx.reshape(self.x0.shape)
         with np.errstate(over="ignore", invalid="ignore"):
-            gw = gw.astype(self.w0.dtype, copy=False)
+            if gw is not None:
+                gw = gw.astype(self.w0.dtype, copy=False)
             if gb is not None:
                 gb = gb.astype(self.b0.dtype)
         return loss, gx, gw, gb

@@ -41,6 +41,7 @@ working) and override ``forward``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -52,8 +53,9 @@ from torch.autograd.function import once_differentiable
 import fastloss as _fl
 
 __all__ = ["FallbackWarning", "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss",
-           "binary_cross_entropy_with_logits", "kl_div_logits", "CrossEntropyLoss", "NLLLoss", "MSELoss", "L1Loss",
-           "HuberLoss", "SmoothL1Loss", "BCEWithLogitsLoss", "KLDivLogitsLoss"]
+           "binary_cross_entropy_with_logits", "kl_div_logits", "linear_cross_entropy", "CrossEntropyLoss", "NLLLoss",
+           "MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss", "BCEWithLogitsLoss", "KLDivLogitsLoss",
+           "LinearCrossEntropyLoss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
@@ -614,6 +616,202 @@ def kl_div_logits(student_logits, teacher_logits, *, temperature=1.0, reduction=
     return _apply(KLDivLogitsFunction, call, student_logits, teacher_logits, target)
 
 
+# ---- fused linear + cross-entropy ------------------------------------------------------------------
+
+class _TorchGemm:
+    """The three products of a chunk of :mod:`fastloss.linear` run by torch's BLAS (MKL in the
+    x86 CPU wheels), on tensor views of the NumPy buffers (no copies).  ``threads()`` sets
+    torch's intra-op thread count to ``nthreads`` for the call (process-wide, as
+    ``torch.set_num_threads``) and restores it."""
+
+    def __init__(self, nthreads: int):
+        self.nthreads = nthreads
+
+    @contextlib.contextmanager
+    def threads(self):
+        old = torch.get_num_threads()
+        if old != self.nthreads:
+            torch.set_num_threads(self.nthreads)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != old:
+                torch.set_num_threads(old)
+
+    @staticmethod
+    def logits(out, x, w):
+        torch.mm(torch.from_numpy(x), torch.from_numpy(w).t(), out=torch.from_numpy(out))
+
+    @staticmethod
+    def accumulate(acc, g, x):
+        torch.from_numpy(acc).addmm_(torch.from_numpy(g).t(), torch.from_numpy(x))
+
+    @staticmethod
+    def gx(out, g, w):
+        torch.mm(torch.from_numpy(g), torch.from_numpy(w), out=torch.from_numpy(out))
+
+
+class _LinearSpec:
+    """The non-differentiable arguments of one linear_cross_entropy call."""
+
+    __slots__ = ("target", "weight", "sample_weight", "ignore_index", "reduction", "label_smoothing", "z_loss",
+                 "softcap", "chunk_size", "nthreads")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def lce(self, input, linear_weight, linear_bias, sample_weight=None, reduction=None):
+        from fastloss.linear import _LCE
+        sw = self.sample_weight if sample_weight is None else sample_weight
+        return _LCE(_numpy(input), _numpy(linear_weight), _numpy(self.target), _numpy(linear_bias),
+                    _numpy(self.weight), _numpy(sw), self.ignore_index, reduction or self.reduction,
+                    self.label_smoothing, self.z_loss, self.softcap, self.chunk_size, self.nthreads)
+
+    def grads(self, need, input, linear_weight, linear_bias, grad_output=None):
+        """(grad_input, grad_linear_weight, grad_linear_bias) as tensors (None where not needed).
+        With `grad_output` (reduction "none": per-row upstream gradients) the gradient of
+        sum(grad_output * loss) is computed, as reduction "sum" with grad_output folded into
+        the sample weights."""
+        if grad_output is None:
+            lce = self.lce(input, linear_weight, linear_bias)
+        else:
+            go = grad_output.detach().to(torch.float64).numpy()
+            sw = go if self.sample_weight is None else np.asarray(_numpy(self.sample_weight), np.float64) * go
+            lce = self.lce(input, linear_weight, linear_bias, sample_weight=sw, reduction="sum")
+        _, gx, gw, gb = lce.run(grad=True, need=need, gemm=_TorchGemm(self.nthreads))
+        return tuple(None if g is None else _tensor(g) for g in (gx, gw, gb))
+
+
+_LINEAR_NAMES = ("input", "weight", "bias")
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Fused linear + cross-entropy (fastloss.linear) as an autograd Function: the three
+    gradients are computed chunk by chunk in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, spec, input, linear_weight, linear_bias):
+        need = tuple(n for n, r in zip(_LINEAR_NAMES, ctx.needs_input_grad[1:]) if r)
+        ctx.spec, ctx.need, ctx.grads = spec, need, None
+        ctx.save_for_backward(input, linear_weight, linear_bias)
+        if spec.reduction == "none":       # the gradient needs the per-row upstream gradients: in backward
+            loss = spec.lce(input, linear_weight, linear_bias).run(grad=False, gemm=_TorchGemm(spec.nthreads))
+            return _loss_tensor(loss, input.dtype)
+        loss, gx, gw, gb = spec.lce(input, linear_weight, linear_bias).run(
+            grad=True, need=need, gemm=_TorchGemm(spec.nthreads))
+        ctx.grads = tuple(None if g is None else _tensor(g) for g in (gx, gw, gb))
+        return _loss_tensor(loss, input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        spec, need = ctx.spec, ctx.need
+        grads, ctx.grads = ctx.grads, None
+        if spec.reduction == "none":
+            grads = spec.grads(need, *ctx.saved_tensors, grad_output=grad_output)
+        else:
+            if grads is None:                  # a second backward (retain_graph=True): recompute
+                grads = spec.grads(need, *ctx.saved_tensors)
+            if grad_output.item() != 1.0:
+                for g in grads:
+                    if g is not None:
+                        g.mul_(grad_output.to(g.dtype))
+        return (None,) + tuple(grads)
+
+
+def _torch_linear_cross_entropy_ext(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                                    label_smoothing, z_loss, softcap, sample_weight):
+    logits = F.linear(input, linear_weight, linear_bias)
+    return _torch_cross_entropy_ext(logits, target, weight, -100 if ignore_index is None else ignore_index,
+                                    reduction, label_smoothing, z_loss, softcap, sample_weight)
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=None, label_smoothing=0.0, options=None, z_loss=0.0, softcap=None,
+                         sample_weight=None, chunk_size=None, num_threads=None):
+    """``torch.nn.functional.linear_cross_entropy`` without the (N, V) logits: the rows stream
+    through one (chunk_size, V) buffer (:func:`fastloss.linear_cross_entropy`), and the gradients
+    with respect to ``input``, ``linear_weight`` and ``linear_bias`` are computed in the forward
+    call, only those that require grad (a frozen head skips its weight-gradient GEMM).
+
+    The loss is ``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)``, per row::
+
+        loss_i = s_i * ((1 - eps) * w[t_i] * (lse_i - z_i[t_i]) + eps * (W lse_i - sum_j w[j] z_ij) / V)
+                 + z_loss * s_i * w[t_i] * lse_i**2,        z_i = input_i @ linear_weight.T + linear_bias
+
+    Shapes (torch's): ``input`` (N, H) or (H,); ``linear_weight`` (V, H); ``linear_bias`` (V,);
+    ``target`` (N,) / () int64 class indices, or class probabilities of the logits' shape (N, V).
+    dtypes float32, float64, float16, bfloat16, all three tensors alike (as ``F.linear``); 16-bit
+    tensors are computed in float32 (the chunk's logits, the GEMMs and the weight-gradient
+    accumulator) and the results rounded once.  ``ignore_index=None`` means -100 for class
+    indices, as torch.
+
+    The GEMMs run in torch's own BLAS (MKL on x86) on views of our chunk buffers, the
+    cross-entropy of each chunk in fastloss's fused kernel.  ``reduction="none"`` computes
+    the gradient in backward (it needs the per-row upstream gradient): one more logits GEMM.
+    ``options`` (a ``torch.nn.LinearCrossEntropyOptions``) is accepted for signature
+    compatibility; only its ``batch_chunk_size`` is used (as ``chunk_size`` when that is None).
+
+    Extensions (keyword-only): ``z_loss``, ``softcap``, ``sample_weight``, ``chunk_size`` (rows per
+    chunk; default :func:`fastloss.linear.default_chunk_size`), ``num_threads`` (our kernel and
+    torch's GEMMs; default ``torch.get_num_threads()``).
+
+    Falls back to torch (FallbackWarning) for non-CPU tensors, other dtypes, mixed dtypes, a
+    K-dimensional ``linear_weight`` (V, d1, ..., H), a non-int64 integer target, and a target,
+    weight or sample_weight that requires grad.
+
+    >>> import torch, fastloss.torch as flt
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    >>> W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], requires_grad=True)
+    >>> loss = flt.linear_cross_entropy(x, W, torch.tensor([0, 1]))
+    >>> loss
+    tensor(0.3955, grad_fn=<LinearCrossEntropyFunctionBackward>)
+    >>> loss.backward(); W.grad
+    tensor([[-0.2119, -0.0596],
+            [ 0.1059, -0.0596],
+            [ 0.1059,  0.1192]])
+    """
+    ext = z_loss != 0.0 or softcap is not None or sample_weight is not None
+    if isinstance(input, torch.Tensor) and isinstance(linear_weight, torch.Tensor) and (
+            input.dim() not in (1, 2) or linear_weight.dim() < 2):
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                      reduction=reduction, ignore_index=ignore_index,
+                                      label_smoothing=label_smoothing)          # torch's error
+    reason = _unsupported("linear_cross_entropy", input, (linear_weight, target, linear_bias, weight, sample_weight),
+                          (("target", target), ("weight", weight), ("sample_weight", sample_weight)))
+    if reason is None and (not isinstance(linear_weight, torch.Tensor) or linear_weight.dim() != 2):
+        reason = "a K-dimensional linear_weight (V, d1, ..., H)"
+    if reason is None and (linear_weight.dtype != input.dtype or (
+            isinstance(linear_bias, torch.Tensor) and linear_bias.dtype != input.dtype)):
+        reason = "mixed dtypes of input, linear_weight and linear_bias"
+    if reason is None and isinstance(target, torch.Tensor) and not target.is_floating_point() \
+            and target.dtype != torch.int64:
+        reason = f"target dtype {target.dtype} (class indices must be int64)"
+    if reason is not None:
+        if ext:
+            return _fallback("linear_cross_entropy", reason, _torch_linear_cross_entropy_ext, input, linear_weight,
+                             target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                             sample_weight)
+        return _fallback("linear_cross_entropy", reason, F.linear_cross_entropy, input, linear_weight, target,
+                         linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, options=options)
+    soft = isinstance(target, torch.Tensor) and tuple(target.shape) == (*input.shape[:-1], linear_weight.shape[0])
+    if soft and ignore_index is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    spec = _LinearSpec(target=target, weight=weight, sample_weight=sample_weight,
+                       ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
+                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+                       nthreads=_threads(num_threads))
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (input, linear_weight, linear_bias)):
+        return LinearCrossEntropyFunction.apply(spec, input, linear_weight, linear_bias)
+    loss = spec.lce(input, linear_weight, linear_bias).run(grad=False, gemm=_TorchGemm(spec.nthreads))
+    return _loss_tensor(loss, input.dtype)
+
+
 # ---- nn.Module classes -------------------------------------------------------------------------------------
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -754,3 +952,37 @@ class KLDivLogitsLoss(torch.nn.Module):
     def forward(self, student_logits, teacher_logits, target=None):
         return kl_div_logits(student_logits, teacher_logits, temperature=self.temperature, reduction=self.reduction,
                              ignore_index=self.ignore_index, target=target, num_threads=self.num_threads)
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """``torch.nn.LinearCrossEntropyLoss`` (a ``Linear`` head and its cross-entropy) computed by
+    :func:`fastloss.torch.linear_cross_entropy`.
+
+    Extra keyword-only options: ``z_loss``, ``softcap``, ``chunk_size``, ``num_threads``;
+    ``forward`` takes an optional ``sample_weight``.  ``out_features != ()`` (a K-dimensional
+    loss) runs torch's implementation (FallbackWarning).
+
+    >>> import torch, fastloss.torch as flt
+    >>> head = flt.LinearCrossEntropyLoss(4, 10)
+    >>> with torch.no_grad():
+    ...     _ = head.linear.weight.zero_()
+    >>> head(torch.ones(2, 4), torch.tensor([1, 3]))
+    tensor(2.3026, grad_fn=<LinearCrossEntropyFunctionBackward>)
+    """
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None, z_loss=0.0,
+                 softcap=None, chunk_size=None, num_threads=None):
+        super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device, dtype=dtype,
+                         reduction=reduction, weight=weight, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, options=options)
+        self.z_loss, self.softcap, self.chunk_size, self.num_threads = z_loss, softcap, chunk_size, num_threads
+
+    def forward(self, input, target, sample_weight=None):
+        w = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        b = None if self.linear.bias is None else self.linear.bias.reshape((self.num_classes, *self.out_features))
+        return linear_cross_entropy(input, w, target, linear_bias=b, weight=self.weight, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                    options=self.options, z_loss=self.z_loss, softcap=self.softcap,
+                                    sample_weight=sample_weight, chunk_size=self.chunk_size,
+                                    num_threads=self.num_threads)
