@@ -6,7 +6,9 @@ Providers (one call = loss and the gradients of input, linear_weight):
 * ``torch``: ``torch.nn.functional.linear_cross_entropy`` (reference path: full logits) and
   ``loss.backward()``, ``torch.set_num_threads(n)``;
 * ``torch_chunked``: the same with ``options=LinearCrossEntropyOptions()`` (torch 2.13's
-  chunked path, its "auto" chunk size).
+  chunked path, its "auto" chunk size);
+* ``fastloss_torch``: ``fastloss.torch.linear_cross_entropy`` and ``loss.backward()`` (our
+  chunking and cross-entropy kernel, the GEMMs in torch's BLAS), ``torch.set_num_threads(n)``.
 
 Every run happens in a FRESH subprocess (``python -m fastloss._bench_linear --worker ...``):
 the inputs are allocated and touched, a tiny warm-up call loads lazy state (BLAS wrappers,
@@ -29,7 +31,7 @@ import time
 import numpy as np
 
 CASES = ((4096, 1024, 32000), (8192, 2048, 128256))
-PROVIDERS = ("fastloss", "torch", "torch_chunked")
+PROVIDERS = ("fastloss", "fastloss_torch", "torch", "torch_chunked")
 GIB = 2.0 ** 30
 
 
@@ -69,10 +71,18 @@ def _runner(provider, N, H, V, threads, chunk):
     Wt = torch.from_numpy(W).requires_grad_(True)
     tt = torch.from_numpy(t)
 
+    if provider == "fastloss_torch":
+        import fastloss.torch as flt
+
+        def lce(xt, Wt, tt, options):
+            return flt.linear_cross_entropy(xt, Wt, tt, chunk_size=chunk)
+    else:
+        lce = F.linear_cross_entropy
+
     def tcall(xt, Wt, tt, o):
         xt.grad = None
         Wt.grad = None
-        loss = F.linear_cross_entropy(xt, Wt, tt, options=o)
+        loss = lce(xt, Wt, tt, options=o)
         loss.backward()
         return loss.item(), xt.grad, Wt.grad
 
@@ -140,7 +150,7 @@ def run_case(N, H, V, threads, repeats, providers=PROVIDERS, chunk=None, log=pri
     records = []
     for r in range(repeats):
         for p in todo:
-            rec = run_worker(p, N, H, V, threads, chunk if p == "fastloss" else None)
+            rec = run_worker(p, N, H, V, threads, chunk if p.startswith("fastloss") else None)
             rec["repeat"] = r
             rec["load_average"] = [round(v, 2) for v in os.getloadavg()]
             records.append(rec)
