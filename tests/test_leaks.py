@@ -15,9 +15,11 @@ Three measures, after a warm-up (caches, free lists, lazy imports):
 test_leak_check_catches_a_leak shows that each measure catches a leak of its kind.
 
 The default run makes CALLS calls per function (its RSS check is coarse: ~1.5 kB per call);
-the ``slow`` one (CI runs it, ~55 s here) makes CALLS_FULL = 100,000 per function, references
-and RSS only (~30 bytes per call; tracemalloc makes a call ~10x slower and is already exact on
-the short run).
+the ``slow`` one (CI runs it) makes two windows of WINDOW_CALLS = 10,000 calls per function,
+references and RSS only, and fails if RSS grew by RSS_WINDOW_LIMIT in BOTH windows (~26 bytes
+per call, below the smallest glibc block of 32; a one-off growth -- a new arena of Python's
+allocator -- shows in one window only).  tracemalloc makes a call ~10x slower and is already
+exact on the short run.
 """
 from __future__ import annotations
 
@@ -37,11 +39,13 @@ from fastloss._registry import by_family, field_specs
 from fl_testing import computing_functions, loss_kwargs
 
 CALLS = 2_000
-CALLS_FULL = 100_000
+WINDOW_CALLS = 10_000
 TRACED_CALLS = 300
 #: RSS growth allowed over a run: allocator noise is 0-16 kB, and once in a while a new 1 MiB
-#: arena of Python's allocator; a leak of 32 bytes per call is 3 MiB over 100,000 calls.
+#: arena of Python's allocator.
 RSS_LIMIT = 3 * 2**20
+#: RSS growth that fails the slow run when BOTH windows of WINDOW_CALLS calls show it.
+RSS_WINDOW_LIMIT = 256 * 2**10
 #: tracemalloc growth allowed over TRACED_CALLS calls (noise: below 1 kB, a few kB once; one
 #: leaked float object per call would be 7 kB, one NumPy scalar 10 kB, one small array 30 kB).
 TRACED_LIMIT = 6 * 2**10
@@ -321,19 +325,29 @@ def _refcounts(objects) -> list[int]:
     return [sys.getrefcount(o) for o in objects]
 
 
-def _leak_check(name: str, calls: list[Call], objects: list, n_calls: int, traced: bool):
+def _leak_check(name: str, calls: list[Call], objects: list, n_calls: int, traced: bool, windows: int = 1):
     """Run `calls` n_calls times after a warm-up; fail if the reference counts of `objects`
-    (and of CHECKED_DTYPES) changed, RSS grew by RSS_LIMIT or more, or (traced) tracemalloc
-    saw growth in two consecutive windows of TRACED_CALLS calls."""
+    (and of CHECKED_DTYPES) changed, RSS grew by RSS_LIMIT or more (with ``windows`` > 1: by
+    RSS_WINDOW_LIMIT in each of `windows` runs of n_calls), or (traced) tracemalloc saw growth
+    in two consecutive windows of TRACED_CALLS calls."""
     if sys.platform != "linux":
         pytest.skip("RSS from /proc/self/statm")
     objects = objects + CHECKED_DTYPES
     _run(calls, 20 * len(calls))                            # warm-up
-    rss0 = _rss()
+    rss = [_rss()]
     refs = _refcounts(objects)
-    _run(calls, n_calls)
-    grown = _rss() - rss0
+    for _ in range(windows):
+        _run(calls, n_calls)
+        rss.append(_rss())
     refs_after = _refcounts(objects)
+    n_calls *= windows
+    if windows > 1:
+        steps = [b - a for a, b in zip(rss, rss[1:])]
+        if not _under_asan():
+            assert min(steps) < RSS_WINDOW_LIMIT, (
+                f"{name}: RSS grew in each of {windows} windows of {n_calls // windows} calls: {steps} bytes "
+                f"({min(steps) * windows / n_calls:.0f} bytes per call at least)")
+    grown = rss[-1] - rss[0]
     if refs_after != refs:
         diff = [(repr(o)[:60], r0, r1) for o, r0, r1 in zip(objects, refs, refs_after) if r0 != r1]
         raise AssertionError(f"{name}: reference counts changed over {n_calls} calls (object, before, after): "
@@ -375,21 +389,23 @@ def test_no_leak(name, cases):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(computing_functions()))
-def test_no_leak_100k_calls(name, cases):
+def test_no_leak_long_run(name, cases):
     fn = computing_functions()[name]
-    _leak_check(name, cases.calls[name], cases.objects + [fn], CALLS_FULL, traced=False)
+    _leak_check(name, cases.calls[name], cases.objects + [fn], WINDOW_CALLS, traced=False, windows=2)
 
 
 # ---- the checks themselves: each catches a leak of its kind --------------------------------------
 
 @pytest.mark.parametrize("kind,message", [("reference", "reference counts changed"),
                                           ("object", "traced memory grew"),
-                                          ("malloc", "RSS grew")])
+                                          ("malloc", "RSS grew"),
+                                          ("small malloc", "RSS grew in each of 2 windows")])
 def test_leak_check_catches_a_leak(kind, message):
     """A real call plus one injected leak per call: a reference kept to the input (no memory),
     a small Python object kept (tracemalloc: a float is 24 bytes), 4 kB of C memory never
-    freed (RSS).  Each is undone afterwards."""
-    if kind == "malloc" and _under_asan():
+    freed (RSS); 40 bytes of C memory (the smallest glibc blocks but one) in the long run's
+    windows.  Each is undone afterwards."""
+    if "malloc" in kind and _under_asan():
         pytest.skip("RSS is not checked under AddressSanitizer")
     libc = _LIBC
     libc.malloc.restype = ctypes.c_void_p
@@ -406,14 +422,18 @@ def test_leak_check_catches_a_leak(kind, message):
         elif kind == "object":
             kept.append(float(loss) + 0.5)
         else:
-            p = libc.malloc(4096)
-            ctypes.memset(p, 1, 4096)                       # touched: resident
+            size = 4096 if kind == "malloc" else 40
+            p = libc.malloc(size)
+            ctypes.memset(p, 1, size)                       # touched: resident
             blocks.append(p)
         return loss
 
     try:
         with pytest.raises(AssertionError, match=message):
-            _leak_check(f"leaky {kind}", [Call(kind, leaky, False)], [x], CALLS, traced=True)
+            if kind == "small malloc":
+                _leak_check(f"leaky {kind}", [Call(kind, leaky, False)], [x], WINDOW_CALLS, traced=False, windows=2)
+            else:
+                _leak_check(f"leaky {kind}", [Call(kind, leaky, False)], [x], CALLS, traced=True)
     finally:
         for _ in range(increfs[0]):
             ctypes.pythonapi.Py_DecRef(ctypes.py_object(x))
