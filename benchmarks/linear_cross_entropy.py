@@ -53,7 +53,7 @@ def main(argv=None):
                 print(bl.chunk_markdown(N, H, V, th, curve), flush=True)
                 print(flush=True)
                 continue
-            rep = a.repeat or (3 if 6.0 * N * H * V < 2e12 else 1)
+            rep = a.repeat or bl.default_repeats(N, H, V)
             out["records"] += bl.run_case(N, H, V, th, rep, a.providers, a.chunk, log=log)
     if out["records"]:
         rows = bl.summarize(out["records"])

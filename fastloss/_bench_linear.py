@@ -139,43 +139,74 @@ def torch_plain_estimate(N, H, V) -> float:
     return 4.0 * N * V * 4 + (V * H + N * H) * 4
 
 
-def run_case(N, H, V, threads, repeats, providers=PROVIDERS, chunk=None, log=print) -> list:
-    """Interleaved fresh-process runs; returns every record."""
+def default_repeats(N, H, V) -> int:
+    """Runs per provider: 3 for cases under 2e12 flops (the three GEMMs, 6 N H V), 1 above."""
+    return 3 if 6.0 * N * H * V < 2e12 else 1
+
+
+def run_case(N, H, V, threads, repeats, providers=PROVIDERS, chunk=None, log=print, records=None) -> list:
+    """Interleaved fresh-process runs; returns every record (also appended to `records` as
+    they finish, if given: a caller interrupted by Ctrl-C keeps the runs that finished)."""
     avail = mem_available()
     todo = list(providers)
     if "torch" in todo and avail is not None and torch_plain_estimate(N, H, V) > 0.7 * avail:
         log(f"# torch reference path skipped for {(N, H, V)}: needs ~{torch_plain_estimate(N, H, V) / GIB:.1f} GiB, "
             f"{avail / GIB:.1f} GiB available")
         todo.remove("torch")
-    records = []
+    out = []
     for r in range(repeats):
         for p in todo:
             rec = run_worker(p, N, H, V, threads, chunk if p.startswith("fastloss") else None)
             rec["repeat"] = r
             rec["load_average"] = [round(v, 2) for v in os.getloadavg()]
-            records.append(rec)
+            out.append(rec)
+            if records is not None:
+                records.append(rec)
             log(json.dumps(rec))
-    return records
+    return out
+
+
+#: The providers that the ratios of :func:`summarize` are taken against.
+BASES = ("fastloss", "fastloss_torch")
+
+
+def _ratio(num, den):
+    return num / den if den else None
 
 
 def summarize(records) -> list:
-    """Median seconds, median peak extra memory and ratios per (case, threads, provider)."""
+    """Median seconds, median peak extra memory, median 1-minute load average and median loss per
+    (case, threads, provider), and the ratios time / base and memory / base against each
+    fastloss provider (``ratios[base]``; ``time_ratio``, ``memory_ratio``: against ``fastloss``).
+    A ratio is None when the base was not measured or its peak extra memory is 0."""
     groups: dict = {}
     for rec in records:
         if "error" in rec:
             continue
         groups.setdefault((rec["N"], rec["H"], rec["V"], rec["threads"], rec["provider"]), []).append(rec)
     rows = []
-    for key, recs in sorted(groups.items()):
+    for key, recs in sorted(groups.items(), key=lambda kv: (kv[0][:4], PROVIDERS.index(kv[0][4])
+                                                             if kv[0][4] in PROVIDERS else len(PROVIDERS))):
+        loads = [r["load_average"][0] for r in recs if r.get("load_average")]
         rows.append({"N": key[0], "H": key[1], "V": key[2], "threads": key[3], "provider": key[4],
                      "runs": len(recs), "seconds": statistics.median(r["seconds"] for r in recs),
-                     "peak_extra_gib": statistics.median(r["peak_extra_bytes"] for r in recs) / GIB})
-    ours = {(r["N"], r["H"], r["V"], r["threads"]): r for r in rows if r["provider"] == "fastloss"}
+                     "peak_extra_gib": statistics.median(r["peak_extra_bytes"] for r in recs) / GIB,
+                     "load_average": statistics.median(loads) if loads else None,
+                     "loss": statistics.median(r["loss"] for r in recs)})
+    by = {(r["N"], r["H"], r["V"], r["threads"], r["provider"]): r for r in rows}
     for r in rows:
-        o = ours.get((r["N"], r["H"], r["V"], r["threads"]))
-        r["time_ratio"] = (r["seconds"] / o["seconds"]) if o else float("nan")       # provider / fastloss
-        r["memory_ratio"] = (r["peak_extra_gib"] / o["peak_extra_gib"]) if o and o["peak_extra_gib"] else float("nan")
+        r["ratios"] = {}
+        for base in BASES:
+            o = by.get((r["N"], r["H"], r["V"], r["threads"], base))
+            r["ratios"][base] = {"time": _ratio(r["seconds"], o["seconds"]) if o else None,
+                                 "memory": _ratio(r["peak_extra_gib"], o["peak_extra_gib"]) if o else None}
+        r["time_ratio"] = r["ratios"]["fastloss"]["time"]          # provider / fastloss
+        r["memory_ratio"] = r["ratios"]["fastloss"]["memory"]
     return rows
+
+
+def _cell(v, fmt=".2f"):
+    return "-" if v is None else format(v, fmt)
 
 
 def markdown(rows, env=None) -> str:
@@ -188,8 +219,8 @@ def markdown(rows, env=None) -> str:
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         out.append(f"| {r['N']} | {r['H']} | {r['V']} | {r['threads']} | {r['provider']} | {r['runs']} | "
-                   f"{r['seconds']:.2f} | {r['peak_extra_gib']:.3f} | {r['time_ratio']:.2f} | "
-                   f"{r['memory_ratio']:.2f} |")
+                   f"{r['seconds']:.2f} | {r['peak_extra_gib']:.3f} | {_cell(r['time_ratio'])} | "
+                   f"{_cell(r['memory_ratio'])} |")
     return "\n".join(out)
 
 
