@@ -377,6 +377,15 @@ def _training_blocks(tr: dict | None) -> list[tuple]:
     return out
 
 
+LINEAR_PROVIDERS = {
+    "fastloss": "fastloss.linear.linear_cross_entropy_with_grad (NumPy arrays, GEMMs in NumPy/SciPy BLAS)",
+    "fastloss_torch": "fastloss.torch.linear_cross_entropy + backward (GEMMs in torch's BLAS, our chunked "
+                      "cross-entropy kernel)",
+    "torch": "F.linear_cross_entropy (reference path: the full N x V logits) + backward",
+    "torch_chunked": "the same with options=LinearCrossEntropyOptions() (torch's chunked path)",
+}
+
+
 def _seconds(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
@@ -432,11 +441,8 @@ def _linear_blocks(sec: dict | None) -> list[tuple]:
                          "n/a" if b is None else f"{'yes' if b['holds'] else 'NO'}: {b['peak_extra_gib']:.2f} GiB"))
         out.append(("heading", "fused linear + cross-entropy, the targets of issue 8"))
         out.append(("table", head, body, {"case", "fastloss provider"}))
-    out.append(("note", "providers: fastloss = fastloss.linear.linear_cross_entropy_with_grad (NumPy arrays, "
-                        "GEMMs in NumPy/SciPy BLAS); fastloss_torch = fastloss.torch.linear_cross_entropy + "
-                        "backward (GEMMs in torch's BLAS, our chunked cross-entropy kernel); torch = "
-                        "F.linear_cross_entropy (reference path: the full N x V logits) + backward; torch_chunked "
-                        "= the same with options=LinearCrossEntropyOptions() (torch's chunked path)."))
+    out.append(("note", "providers: " + "; ".join(f"{p} = {LINEAR_PROVIDERS[p]}" for p in sec.get("providers", ())
+                                                  if p in LINEAR_PROVIDERS) + "."))
     out.append(("note", "median s: median seconds of one call over the runs; peak extra GiB: ru_maxrss after the "
                         "call minus before it (after the inputs and a tiny warm-up), the gradients included; "
                         "time / X, mem / X: this provider's / provider X's (> 1: X is faster or smaller; '-': X "
