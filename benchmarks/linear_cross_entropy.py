@@ -6,7 +6,7 @@
     python benchmarks/linear_cross_entropy.py --json out.json
 
 Each measurement is one call in a fresh subprocess (time, and peak extra memory from
-ru_maxrss); repeats are interleaved across providers.  See fastloss/_bench_linear.py.
+VmHWM); repeats are interleaved across providers.  See fastloss/_bench_linear.py.
 """
 from __future__ import annotations
 

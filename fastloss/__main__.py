@@ -3,7 +3,9 @@
 ``info`` prints :func:`fastloss.show_config`.  ``bench`` times fastloss against the
 NumPy reference and PyTorch: the regression losses and cross-entropy (a subset by
 default; ``--loss cross_entropy`` or ``--full`` for all of it; see :mod:`fastloss.bench`),
-and writes the report as JSON, markdown, a plot, or compared with a previous JSON.
+the PyTorch training step, and on request (``--loss linear_cross_entropy`` or ``--full``)
+the fused linear + cross-entropy, and writes the report as JSON, markdown, a plot, or
+compared with a previous JSON.
 Bad arguments give a one-line message and exit code 2, before any work starts; Ctrl-C
 prints (and writes) the report of the cases that finished and exits with 130.
 """

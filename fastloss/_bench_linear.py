@@ -12,10 +12,12 @@ Providers (one call = loss and the gradients of input, linear_weight):
 
 Every run happens in a FRESH subprocess (``python -m fastloss._bench_linear --worker ...``):
 the inputs are allocated and touched, a tiny warm-up call loads lazy state (BLAS wrappers,
-thread pools), then ``ru_maxrss`` is read, the timed call is made, and ``ru_maxrss`` is read
-again: the difference is the call's peak extra memory (the returned gradients included, for
-every provider).  Repeats are interleaved across providers (A B C A B C ...) so that load
-changes on a shared machine hit every provider alike; medians and ratios are reported.
+thread pools), then the process's peak RSS (``VmHWM``) is reset to its current RSS, the
+timed call is made, and ``VmHWM`` is read: its excess over the RSS before the call is the
+call's peak extra memory (the returned gradients included, for every provider).  Not
+``ru_maxrss``, which a child inherits from its parent (see :func:`peak_probe`).  Repeats
+are interleaved across providers (A B C A B C ...) so that load changes on a shared machine
+hit every provider alike; medians and ratios are reported.
 """
 from __future__ import annotations
 
@@ -37,6 +39,49 @@ GIB = 2.0 ** 30
 
 def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_probe():
+    """(method, before): how the peak extra memory of the next call is measured, and the value
+    to subtract from :func:`peak_after`'s.
+
+    Not ``ru_maxrss``: on Linux a process started by ``subprocess`` (vfork + exec) inherits
+    its parent's high-water RSS in ``ru_maxrss``, so a parent that once touched 1 GiB (the
+    bench CLI's read-bandwidth probe) hid every child's peak below that.  ``VmHWM`` is the
+    high-water mark of this process's own address space; reset to the current RSS just
+    before the call, ``VmHWM`` after it minus ``VmRSS`` before it is the call's peak extra
+    memory.  Fallbacks: ``VmHWM`` growth without the reset, then ``ru_maxrss`` growth."""
+    if _reset_peak_rss() and _status_bytes("VmRSS") is not None:
+        return "VmHWM after - VmRSS before (VmHWM reset)", _status_bytes("VmRSS")
+    if _status_bytes("VmHWM") is not None:
+        return "VmHWM growth", _status_bytes("VmHWM")
+    return "ru_maxrss growth", _maxrss_bytes()
+
+
+def peak_after(method: str) -> int:
+    return _maxrss_bytes() if method.startswith("ru_maxrss") else _status_bytes("VmHWM")
 
 
 def _inputs(N, H, V, seed=0):
@@ -98,14 +143,14 @@ def worker(provider, N, H, V, threads, chunk) -> dict:
     """One measured call in this (fresh) process: seconds and peak extra bytes."""
     warm, call = _runner(provider, N, H, V, threads, chunk)
     warm()
-    before = _maxrss_bytes()
+    method, before = peak_probe()
     t0 = time.perf_counter()
     out = call()
     sec = time.perf_counter() - t0
-    after = _maxrss_bytes()
+    after = peak_after(method)
     loss = float(out[0])
     return {"provider": provider, "N": N, "H": H, "V": V, "threads": threads, "chunk": chunk, "seconds": sec,
-            "peak_extra_bytes": after - before, "loss": loss}
+            "peak_extra_bytes": max(0, after - before), "memory_method": method, "loss": loss}
 
 
 def run_worker(provider, N, H, V, threads, chunk=None, timeout=3600) -> dict:

@@ -394,7 +394,7 @@ def _target_cell(t: dict | None, reason: str) -> str:
     if t is None or t.get("holds") is None:
         return reason
     mem = "-" if t["memory_ratio"] is None else f"{t['memory_ratio']:.2f}x"
-    return f"{'yes' if t['holds'] else 'NO'}: {_ratio(t['speedup'])} faster, mem {mem}"
+    return f"{'yes' if t['holds'] else 'NO'}: speed {_ratio(t['speedup'])}, mem {mem}"
 
 
 def _linear_blocks(sec: dict | None) -> list[tuple]:
@@ -443,14 +443,14 @@ def _linear_blocks(sec: dict | None) -> list[tuple]:
         out.append(("table", head, body, {"case", "fastloss provider"}))
     out.append(("note", "providers: " + "; ".join(f"{p} = {LINEAR_PROVIDERS[p]}" for p in sec.get("providers", ())
                                                   if p in LINEAR_PROVIDERS) + "."))
-    out.append(("note", "median s: median seconds of one call over the runs; peak extra GiB: ru_maxrss after the "
-                        "call minus before it (after the inputs and a tiny warm-up), the gradients included; "
-                        "time / X, mem / X: this provider's / provider X's (> 1: X is faster or smaller; '-': X "
-                        "not measured or its peak extra memory 0); load: the 1-minute load average after each run "
-                        "(median). A target cell: the speedup of the fastloss provider over the competitor "
-                        "(its time / ours) and our peak extra memory / its; 'yes' when both bounds hold. Runs of "
-                        "different providers are interleaved; on a shared machine a single run per provider "
-                        "(the big case) is noisy."))
+    out.append(("note", "median s: median seconds of one call over the runs; peak extra GiB: the peak RSS during "
+                        "the call (VmHWM, reset just before it) minus the RSS before it (after the inputs and a "
+                        "tiny warm-up), the gradients included; time / X, mem / X: this provider's / provider "
+                        "X's (> 1: X is faster or smaller; '-': X not measured or its peak extra memory 0); load: "
+                        "the 1-minute load average after each run (median). A target cell: speed = the "
+                        "competitor's time / the fastloss provider's (> 1x: ours is faster), mem = our peak extra "
+                        "memory / the competitor's; 'yes' when both bounds hold. Runs of different providers are "
+                        "interleaved; on a shared machine a single run per provider (the big case) is noisy."))
     for text in sec.get("skipped") or []:
         out.append(("note", text + " (the torch column and its target are missing for that case)."))
     agree = [a for a in sec.get("loss_agreement") or [] if len(a["providers"]) > 1]

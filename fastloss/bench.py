@@ -59,6 +59,13 @@ Design
   to 2**22 elements, the warm-up prefix above), which gives each row its error
   columns; and fastloss and torch are compared with NumPy, a mismatch being flagged,
   since a fast wrong answer is not a result.
+* **Fused linear + cross-entropy** (``--loss linear_cross_entropy`` or ``--full``; not in
+  the default run).  :data:`LINEAR_PRESETS` holds the (N, H, V) cases and thread counts;
+  every run is one call in a fresh process (``fastloss._bench_linear``: time and peak
+  extra memory from the child's own ``VmHWM``), providers interleaved: ``fastloss`` (the NumPy API, the
+  only one without torch), ``fastloss_torch``, ``torch`` (skipped when memory is short) and
+  ``torch_chunked``.  :func:`finish_linear` adds the medians, the ratios against both
+  fastloss providers, issue 8's targets and the agreement of the providers' losses.
 * **Output.**  Progress on stderr (:class:`Progress`), the report on stdout; the text,
   the ``--markdown`` file, the ``--plot`` and the ``--compare`` table are rendered from
   the report dict (what ``--json`` writes) by :mod:`fastloss._bench_report`.  Ctrl-C

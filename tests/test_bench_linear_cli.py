@@ -94,7 +94,8 @@ def test_smoke_targets_follow_from_the_medians(smoke):
     assert [t["provider"] for t in sec["targets"]] == ["fastloss", "fastloss_torch"]
     for t in sec["targets"]:
         ours = rows[t["provider"]]
-        for key, other, speed, mem in (("vs_torch_chunked", "torch_chunked", 1.3, 1.0), ("vs_torch", "torch", 1.0, 0.25)):
+        for key, other, speed, mem in (("vs_torch_chunked", "torch_chunked", 1.3, 1.0),
+                                       ("vs_torch", "torch", 1.0, 0.25)):
             theirs = rows[other]
             speedup = theirs["seconds"] / ours["seconds"]
             assert t[key]["speedup"] == pytest.approx(speedup)
@@ -216,7 +217,7 @@ def test_targets_budget_skip_and_errors_from_synthetic_records():
     assert agree["agree"] is False and agree["max_rel_diff"] == pytest.approx(5e-4)
     assert sec["errors"] == ["8192x2048x128256 1 thread(s) torch_chunked: MemoryError"]
     text = "\n".join(str(b) for b in _bench_report._linear_blocks(sec))
-    assert "yes: 1.50x faster, mem 1.00x" in text and "- (not measured)" in text
+    assert "yes: speed 1.50x, mem 1.00x" in text and "- (not measured)" in text
     assert "yes: 1.50 GiB" in text and "NO: 2.50 GiB" in text
     assert "torch reference path skipped" in text and "FAILED: " in text and "DISAGREE" in text
 
@@ -231,3 +232,18 @@ def test_run_case_skips_torch_plain_when_memory_is_short(monkeypatch):
     assert calls == ["fastloss", "fastloss_torch", "torch_chunked"] * 2
     assert kept == out and len(out) == 6
     assert logs[0].startswith("# torch reference path skipped")
+
+
+def test_worker_peak_memory_is_not_the_parents(tmp_path):
+    """A child started by subprocess inherits its parent's high-water RSS in ru_maxrss; the worker
+    measures its own (VmHWM), so a parent's large peak does not hide the call's gradients."""
+    from fastloss import _bench_linear as bl
+    big = np.ones(1 << 25, np.float32)          # 128 MiB touched: this process's peak RSS is above the child's
+    assert big[-1] == 1.0
+    del big
+    N, H, V = 256, 64, 4000
+    rec = bl.run_worker("fastloss", N, H, V, 1)
+    assert "error" not in rec, rec
+    assert rec["memory_method"].startswith("VmHWM")
+    assert rec["peak_extra_bytes"] >= 4 * (V * H + N * H)        # at least the two float32 gradients it returns
+    assert rec["loss"] == pytest.approx(_oracle_loss(N, H, V), rel=1e-5)
