@@ -6,7 +6,7 @@
     python benchmarks/linear_cross_entropy.py --json out.json
 
 Each measurement is one call in a fresh subprocess (time, and peak extra memory from
-ru_maxrss); repeats are interleaved across providers.  See fastloss/_bench_linear.py.
+VmHWM); repeats are interleaved across providers.  See fastloss/_bench_linear.py.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def main(argv=None):
                 print(bl.chunk_markdown(N, H, V, th, curve), flush=True)
                 print(flush=True)
                 continue
-            rep = a.repeat or (3 if 6.0 * N * H * V < 2e12 else 1)
+            rep = a.repeat or bl.default_repeats(N, H, V)
             out["records"] += bl.run_case(N, H, V, th, rep, a.providers, a.chunk, log=log)
     if out["records"]:
         rows = bl.summarize(out["records"])

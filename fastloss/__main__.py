@@ -3,7 +3,9 @@
 ``info`` prints :func:`fastloss.show_config`.  ``bench`` times fastloss against the
 NumPy reference and PyTorch: the regression losses and cross-entropy (a subset by
 default; ``--loss cross_entropy`` or ``--full`` for all of it; see :mod:`fastloss.bench`),
-and writes the report as JSON, markdown, a plot, or compared with a previous JSON.
+the PyTorch training step, and on request (``--loss linear_cross_entropy`` or ``--full``)
+the fused linear + cross-entropy, and writes the report as JSON, markdown, a plot, or
+compared with a previous JSON.
 Bad arguments give a one-line message and exit code 2, before any work starts; Ctrl-C
 prints (and writes) the report of the cases that finished and exits with 130.
 """
@@ -55,17 +57,26 @@ def _build_parser() -> argparse.ArgumentParser:
                     "With PyTorch installed, the default run also times a training step: logits 8192x32000 float32\n"
                     "(a leaf that requires grad) -> fastloss.torch.cross_entropy or F.cross_entropy -> backward\n"
                     "(about 30 s); --loss training_step (or --full) adds bfloat16 and the peak memory of both at\n"
-                    "8192x128256 (measured in fresh processes; torch needs about 16 GiB there).",
+                    "8192x128256 (measured in fresh processes; torch needs about 16 GiB there).\n\n"
+                    "--loss linear_cross_entropy (alias linear; or --full) times the fused linear + cross-entropy\n"
+                    "(loss and the gradients of input and weight, float32) at (N, H, V) = (4096, 1024, 32000) and\n"
+                    "(8192, 2048, 128256), threads 1 and 2 (or --threads), each run one call in a fresh process:\n"
+                    "fastloss.linear (NumPy), fastloss.torch (autograd), and with PyTorch F.linear_cross_entropy\n"
+                    "plain and chunked; medians, peak extra memory and issue 8's targets (about 15 minutes; not\n"
+                    "in the default run; --quick: 1024x512x8000).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--quick", action="store_true",
                    help="only sizes 1e6 and 1e7 (cross-entropy: 1x262144 and 32768x1024), fewer repeats")
     b.add_argument("--full", action="store_true",
                    help="every loss, the whole cross-entropy set (shapes, modes; NumPy at every float32 shape) "
-                        "and float32 and float16 for both families: several minutes")
+                        "and float32 and float16 for both families, the training step, and the fused linear + "
+                        "cross-entropy (about 15 minutes of it): about 25 minutes")
     b.add_argument("--loss", action="append", metavar="NAME",
                    help="a loss to time, or a family: regression, classification, elementwise, rows, or "
-                        "training_step (the PyTorch training step; repeatable or comma-separated; default: all; "
-                        "cross_entropy, a row loss or training_step selects its whole set)")
+                        "training_step (the PyTorch training step), or linear_cross_entropy (alias linear: the "
+                        "fused linear + cross-entropy, fresh processes, ~15 minutes); repeatable or "
+                        "comma-separated; default: all but linear_cross_entropy; cross_entropy, a row loss, "
+                        "training_step or linear_cross_entropy selects its whole set")
     b.add_argument("--threads", metavar="LIST", default=None,
                    help="comma-separated thread counts (default: 1 and all, i.e. fastloss's default thread "
                         "count: the cores, or OMP_NUM_THREADS)")
@@ -127,23 +138,30 @@ def _bench_options(args):
 
     losses = None
     training = None
+    linear = False
     if args.loss:
         names = [n.strip() for item in args.loss for n in item.split(",") if n.strip()]
         if any(n in bench.TRAINING_NAMES for n in names):
             training = "full"
             names = [n for n in names if n not in bench.TRAINING_NAMES]
+        if any(n in bench.LINEAR_NAMES for n in names):
+            linear = True
+            names = [n for n in names if n not in bench.LINEAR_NAMES]
         try:
             losses = bench.resolve_losses(names) if names else []
         except ValueError as exc:
-            raise _UsageError(f"{exc} (or training_step: the PyTorch training step)") from None
+            raise _UsageError(f"{exc} (or training_step: the PyTorch training step; or linear_cross_entropy: "
+                              "the fused linear + cross-entropy)") from None
     chosen = [name for name, on in (("--full", args.full), ("--quick", args.quick), ("--smoke", args.smoke)) if on]
     if len(chosen) > 1:
         raise _UsageError(f"{' and '.join(chosen)} exclude each other")
     if args.loss is None or training:
         training = "smoke" if args.smoke else "quick" if args.quick else "full" if (args.full or training) \
             else "default"
+    # the fused linear + cross-entropy: asked for by name, or --full; never in the default run
+    linear = ("smoke" if args.smoke else "quick" if args.quick else "full") if (linear or args.full) else None
     if args.no_torch or not bench.torch_available():
-        if training and losses == []:
+        if training and losses == [] and not linear:
             raise _UsageError("the training step needs PyTorch (pip install torch) and not --no-torch")
         training = None
     if args.smoke:
@@ -202,7 +220,8 @@ def _bench_options(args):
                          repeat=args.repeat, json_path=args.json, torch=not args.no_torch, preset=preset,
                          shapes=shapes, dtypes=dtypes, modes=modes, markdown_path=args.markdown,
                          plot_path=args.plot, compare=compare, smoke=args.smoke,
-                         sizes_given=args.sizes is not None, training=training)
+                         sizes_given=args.sizes is not None, training=training, linear=linear,
+                         linear_threads=None if args.threads is None else threads)
     try:
         opts.cases()  # every remaining check (dtypes, modes that apply to no selected loss), before any work
     except ValueError as exc:

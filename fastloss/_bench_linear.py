@@ -12,10 +12,12 @@ Providers (one call = loss and the gradients of input, linear_weight):
 
 Every run happens in a FRESH subprocess (``python -m fastloss._bench_linear --worker ...``):
 the inputs are allocated and touched, a tiny warm-up call loads lazy state (BLAS wrappers,
-thread pools), then ``ru_maxrss`` is read, the timed call is made, and ``ru_maxrss`` is read
-again: the difference is the call's peak extra memory (the returned gradients included, for
-every provider).  Repeats are interleaved across providers (A B C A B C ...) so that load
-changes on a shared machine hit every provider alike; medians and ratios are reported.
+thread pools), then the process's peak RSS (``VmHWM``) is reset to its current RSS, the
+timed call is made, and ``VmHWM`` is read: its excess over the RSS before the call is the
+call's peak extra memory (the returned gradients included, for every provider).  Not
+``ru_maxrss``, which a child inherits from its parent (see :func:`peak_probe`).  Repeats
+are interleaved across providers (A B C A B C ...) so that load changes on a shared machine
+hit every provider alike; medians and ratios are reported.
 """
 from __future__ import annotations
 
@@ -37,6 +39,49 @@ GIB = 2.0 ** 30
 
 def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_probe():
+    """(method, before): how the peak extra memory of the next call is measured, and the value
+    to subtract from :func:`peak_after`'s.
+
+    Not ``ru_maxrss``: on Linux a process started by ``subprocess`` (vfork + exec) inherits
+    its parent's high-water RSS in ``ru_maxrss``, so a parent that once touched 1 GiB (the
+    bench CLI's read-bandwidth probe) hid every child's peak below that.  ``VmHWM`` is the
+    high-water mark of this process's own address space; reset to the current RSS just
+    before the call, ``VmHWM`` after it minus ``VmRSS`` before it is the call's peak extra
+    memory.  Fallbacks: ``VmHWM`` growth without the reset, then ``ru_maxrss`` growth."""
+    if _reset_peak_rss() and _status_bytes("VmRSS") is not None:
+        return "VmHWM after - VmRSS before (VmHWM reset)", _status_bytes("VmRSS")
+    if _status_bytes("VmHWM") is not None:
+        return "VmHWM growth", _status_bytes("VmHWM")
+    return "ru_maxrss growth", _maxrss_bytes()
+
+
+def peak_after(method: str) -> int:
+    return _maxrss_bytes() if method.startswith("ru_maxrss") else _status_bytes("VmHWM")
 
 
 def _inputs(N, H, V, seed=0):
@@ -98,14 +143,14 @@ def worker(provider, N, H, V, threads, chunk) -> dict:
     """One measured call in this (fresh) process: seconds and peak extra bytes."""
     warm, call = _runner(provider, N, H, V, threads, chunk)
     warm()
-    before = _maxrss_bytes()
+    method, before = peak_probe()
     t0 = time.perf_counter()
     out = call()
     sec = time.perf_counter() - t0
-    after = _maxrss_bytes()
+    after = peak_after(method)
     loss = float(out[0])
     return {"provider": provider, "N": N, "H": H, "V": V, "threads": threads, "chunk": chunk, "seconds": sec,
-            "peak_extra_bytes": after - before, "loss": loss}
+            "peak_extra_bytes": max(0, after - before), "memory_method": method, "loss": loss}
 
 
 def run_worker(provider, N, H, V, threads, chunk=None, timeout=3600) -> dict:
@@ -139,43 +184,74 @@ def torch_plain_estimate(N, H, V) -> float:
     return 4.0 * N * V * 4 + (V * H + N * H) * 4
 
 
-def run_case(N, H, V, threads, repeats, providers=PROVIDERS, chunk=None, log=print) -> list:
-    """Interleaved fresh-process runs; returns every record."""
+def default_repeats(N, H, V) -> int:
+    """Runs per provider: 3 for cases under 2e12 flops (the three GEMMs, 6 N H V), 1 above."""
+    return 3 if 6.0 * N * H * V < 2e12 else 1
+
+
+def run_case(N, H, V, threads, repeats, providers=PROVIDERS, chunk=None, log=print, records=None) -> list:
+    """Interleaved fresh-process runs; returns every record (also appended to `records` as
+    they finish, if given: a caller interrupted by Ctrl-C keeps the runs that finished)."""
     avail = mem_available()
     todo = list(providers)
     if "torch" in todo and avail is not None and torch_plain_estimate(N, H, V) > 0.7 * avail:
         log(f"# torch reference path skipped for {(N, H, V)}: needs ~{torch_plain_estimate(N, H, V) / GIB:.1f} GiB, "
             f"{avail / GIB:.1f} GiB available")
         todo.remove("torch")
-    records = []
+    out = []
     for r in range(repeats):
         for p in todo:
             rec = run_worker(p, N, H, V, threads, chunk if p.startswith("fastloss") else None)
             rec["repeat"] = r
             rec["load_average"] = [round(v, 2) for v in os.getloadavg()]
-            records.append(rec)
+            out.append(rec)
+            if records is not None:
+                records.append(rec)
             log(json.dumps(rec))
-    return records
+    return out
+
+
+#: The providers that the ratios of :func:`summarize` are taken against.
+BASES = ("fastloss", "fastloss_torch")
+
+
+def _ratio(num, den):
+    return num / den if den else None
 
 
 def summarize(records) -> list:
-    """Median seconds, median peak extra memory and ratios per (case, threads, provider)."""
+    """Median seconds, median peak extra memory, median 1-minute load average and median loss per
+    (case, threads, provider), and the ratios time / base and memory / base against each
+    fastloss provider (``ratios[base]``; ``time_ratio``, ``memory_ratio``: against ``fastloss``).
+    A ratio is None when the base was not measured or its peak extra memory is 0."""
     groups: dict = {}
     for rec in records:
         if "error" in rec:
             continue
         groups.setdefault((rec["N"], rec["H"], rec["V"], rec["threads"], rec["provider"]), []).append(rec)
     rows = []
-    for key, recs in sorted(groups.items()):
+    for key, recs in sorted(groups.items(), key=lambda kv: (kv[0][:4], PROVIDERS.index(kv[0][4])
+                                                             if kv[0][4] in PROVIDERS else len(PROVIDERS))):
+        loads = [r["load_average"][0] for r in recs if r.get("load_average")]
         rows.append({"N": key[0], "H": key[1], "V": key[2], "threads": key[3], "provider": key[4],
                      "runs": len(recs), "seconds": statistics.median(r["seconds"] for r in recs),
-                     "peak_extra_gib": statistics.median(r["peak_extra_bytes"] for r in recs) / GIB})
-    ours = {(r["N"], r["H"], r["V"], r["threads"]): r for r in rows if r["provider"] == "fastloss"}
+                     "peak_extra_gib": statistics.median(r["peak_extra_bytes"] for r in recs) / GIB,
+                     "load_average": statistics.median(loads) if loads else None,
+                     "loss": statistics.median(r["loss"] for r in recs)})
+    by = {(r["N"], r["H"], r["V"], r["threads"], r["provider"]): r for r in rows}
     for r in rows:
-        o = ours.get((r["N"], r["H"], r["V"], r["threads"]))
-        r["time_ratio"] = (r["seconds"] / o["seconds"]) if o else float("nan")       # provider / fastloss
-        r["memory_ratio"] = (r["peak_extra_gib"] / o["peak_extra_gib"]) if o and o["peak_extra_gib"] else float("nan")
+        r["ratios"] = {}
+        for base in BASES:
+            o = by.get((r["N"], r["H"], r["V"], r["threads"], base))
+            r["ratios"][base] = {"time": _ratio(r["seconds"], o["seconds"]) if o else None,
+                                 "memory": _ratio(r["peak_extra_gib"], o["peak_extra_gib"]) if o else None}
+        r["time_ratio"] = r["ratios"]["fastloss"]["time"]          # provider / fastloss
+        r["memory_ratio"] = r["ratios"]["fastloss"]["memory"]
     return rows
+
+
+def _cell(v, fmt=".2f"):
+    return "-" if v is None else format(v, fmt)
 
 
 def markdown(rows, env=None) -> str:
@@ -188,8 +264,8 @@ def markdown(rows, env=None) -> str:
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         out.append(f"| {r['N']} | {r['H']} | {r['V']} | {r['threads']} | {r['provider']} | {r['runs']} | "
-                   f"{r['seconds']:.2f} | {r['peak_extra_gib']:.3f} | {r['time_ratio']:.2f} | "
-                   f"{r['memory_ratio']:.2f} |")
+                   f"{r['seconds']:.2f} | {r['peak_extra_gib']:.3f} | {_cell(r['time_ratio'])} | "
+                   f"{_cell(r['memory_ratio'])} |")
     return "\n".join(out)
 
 

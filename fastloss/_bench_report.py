@@ -15,6 +15,7 @@ import json
 import math
 import textwrap
 
+from fastloss import bench
 from fastloss.bench import MODE_LABELS, SUBPROCESS_MMAP_THRESHOLD, format_ms, format_size, record_label
 
 #: --compare flags a case whose fastloss median grew by more than this fraction.
@@ -61,6 +62,11 @@ def header_items(report: dict) -> tuple[str, list[tuple[str, str]]]:
     if opts.get("other_losses"):
         items.append(("cases" if not (opts["sizes"] or opts["shapes"]) else "",
                       f"{_join(opts['other_losses'])} (issue 6; sizes per loss, see --help)"))
+    lin = opts.get("linear")
+    if lin:
+        items.append(("cases" if not (opts["sizes"] or opts["shapes"] or opts.get("other_losses")) else "",
+                      f"linear_cross_entropy {_join('x'.join(map(str, c)) for c in lin['cases'])}; float32; "
+                      f"threads {_join(lin['threads'])}; {_join(lin['providers'])}  ({lin['preset']} preset)"))
     if env.get("load_average"):
         items.append(("load", f"{env['load_average'][0]:.2f} (1-minute load average at start; {env['cores']} cores)"))
     return f"fastloss {env['fastloss']} benchmark   {env['date']}", items
@@ -269,7 +275,8 @@ def blocks(report: dict) -> list[tuple]:
         total = report["options"].get("total_cases")
         out.append(("para", f"INTERRUPTED (Ctrl-C): {len(recs)}{f' of {total}' if total else ''} cases finished; "
                             "the tables below hold those."))
-    if not recs and not (report.get("training_step") or report["options"].get("training_only")):
+    if not recs and not (report.get("training_step") or report.get("linear_cross_entropy")
+                         or report["options"].get("training_only")):
         out.append(("para", "no case finished."))
     has_torch = any(r["torch"] for r in recs)
     first_isa = report["options"]["isas"][0]
@@ -286,6 +293,7 @@ def blocks(report: dict) -> list[tuple]:
             out.append(("heading", titles[fam]))
             out.append(("table", *_family_table(frecs, fam, first_isa, has_torch)))
     out += _training_blocks(report.get("training_step"))
+    out += _linear_blocks(report.get("linear_cross_entropy"))
     rb = report.get("read_bandwidth") or {}
     if rb:
         nbytes = next(iter(rb.values()))["bytes"]
@@ -366,6 +374,96 @@ def _training_blocks(tr: dict | None) -> list[tuple]:
                         "resident memory of one step in a fresh process (ru_maxrss after the step minus after "
                         "the inputs were made). fastloss.torch computes the gradient in the forward call and keeps "
                         "only it; F.cross_entropy keeps log_softmax and builds its gradient in backward."))
+    return out
+
+
+LINEAR_PROVIDERS = {
+    "fastloss": "fastloss.linear.linear_cross_entropy_with_grad (NumPy arrays, GEMMs in NumPy/SciPy BLAS)",
+    "fastloss_torch": "fastloss.torch.linear_cross_entropy + backward (GEMMs in torch's BLAS, our chunked "
+                      "cross-entropy kernel)",
+    "torch": "F.linear_cross_entropy (reference path: the full N x V logits) + backward",
+    "torch_chunked": "the same with options=LinearCrossEntropyOptions() (torch's chunked path)",
+}
+
+
+def _seconds(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _target_cell(t: dict | None, reason: str) -> str:
+    if t is None or t.get("holds") is None:
+        return reason
+    mem = "-" if t["memory_ratio"] is None else f"{t['memory_ratio']:.2f}x"
+    return f"{'yes' if t['holds'] else 'NO'}: speed {_ratio(t['speedup'])}, mem {mem}"
+
+
+def _linear_blocks(sec: dict | None) -> list[tuple]:
+    """The fused linear + cross-entropy (fastloss._bench_linear): a row per case, thread count and
+    provider; issue 8's targets per case, thread count and fastloss provider; notes."""
+    if not sec:
+        return []
+    out = [("heading", "fused linear + cross-entropy: loss and the gradients of input and weight, float32, "
+                       "one call per fresh process")]
+    if not sec.get("torch"):
+        out.append(("para", f"PyTorch not used ({sec.get('torch_missing_reason') or 'not available'}): only the "
+                            "fastloss provider (fastloss.linear, the NumPy API) ran; no comparison, no targets."))
+    rows = sec.get("summary") or []
+    if rows:
+        bases = [b for b in ("fastloss", "fastloss_torch") if any(r["provider"] == b for r in rows)]
+        head = ("case", "threads", "provider", "runs", "median s", "peak extra GiB",
+                *(f"{what} / {b}" for b in bases for what in ("time", "mem")), "load")
+        body = []
+        prev = None
+        for r in rows:
+            key = (r["N"], r["H"], r["V"], r["threads"])
+            if prev is not None and key != prev and len(rows) > len({(x["N"], x["V"], x["threads"]) for x in rows}):
+                body.append(None)     # a blank line between the groups of several providers
+            prev = key
+            rat = r["ratios"]
+            body.append((f"{r['N']}x{r['H']}x{r['V']}", str(r["threads"]), r["provider"], str(r["runs"]),
+                         _seconds(r["seconds"]), f"{r['peak_extra_gib']:.3f}",
+                         *(_ratio(rat[b][what]) for b in bases for what in ("time", "memory")),
+                         "-" if r.get("load_average") is None else f"{r['load_average']:.1f}"))
+        out.append(("table", head, body, {"case", "provider"}))
+    targets = sec.get("targets") or []
+    if sec.get("torch") and targets:
+        budget = bench.LINEAR_TARGET_BUDGET_CASE
+        head = ("case", "threads", "fastloss provider",
+                f">= {bench.LINEAR_TARGET_CHUNKED_SPEEDUP:g}x torch_chunked, <= its memory",
+                f">= 1x torch, <= {bench.LINEAR_TARGET_PLAIN_MEMORY:g} of its memory",
+                f"{'x'.join(map(str, budget))} <= {bench.LINEAR_TARGET_BUDGET_GIB:g} GiB")
+        body = []
+        for t in targets:
+            b = t.get("budget")
+            body.append((f"{t['N']}x{t['H']}x{t['V']}", str(t["threads"]), t["provider"],
+                         _target_cell(t["vs_torch_chunked"], "- (not measured)"),
+                         _target_cell(t["vs_torch"], "- (not measured)"),
+                         "n/a" if b is None else f"{'yes' if b['holds'] else 'NO'}: {b['peak_extra_gib']:.2f} GiB"))
+        out.append(("heading", "fused linear + cross-entropy, the targets of issue 8"))
+        out.append(("table", head, body, {"case", "fastloss provider"}))
+    out.append(("note", "providers: " + "; ".join(f"{p} = {LINEAR_PROVIDERS[p]}" for p in sec.get("providers", ())
+                                                  if p in LINEAR_PROVIDERS) + "."))
+    out.append(("note", "median s: median seconds of one call over the runs; peak extra GiB: the peak RSS during "
+                        "the call (VmHWM, reset just before it) minus the RSS before it (after the inputs and a "
+                        "tiny warm-up), the gradients included; time / X, mem / X: this provider's / provider "
+                        "X's (> 1: X is faster or smaller; '-': X not measured or its peak extra memory 0); load: "
+                        "the 1-minute load average after each run (median). A target cell: speed = the "
+                        "competitor's time / the fastloss provider's (> 1x: ours is faster), mem = our peak extra "
+                        "memory / the competitor's; 'yes' when both bounds hold. Runs of different providers are "
+                        "interleaved; on a shared machine a single run per provider (the big case) is noisy."))
+    for text in sec.get("skipped") or []:
+        out.append(("note", text + " (the torch column and its target are missing for that case)."))
+    agree = [a for a in sec.get("loss_agreement") or [] if len(a["providers"]) > 1]
+    if agree:
+        worst = max(a["max_rel_diff"] for a in agree)
+        bad = [a for a in agree if not a["agree"]]
+        out.append(("note", f"losses: the providers agree to {format_error(worst)} (relative; the largest "
+                            "difference over cases and thread counts)"
+                            + ("" if not bad else "; DISAGREE (more than "
+                               f"{format_error(bench.LINEAR_LOSS_RTOL)}) at "
+                               + _join(f"{a['N']}x{a['H']}x{a['V']} {a['threads']}t" for a in bad)) + "."))
+    for text in sec.get("errors") or []:
+        out.append(("note", "FAILED: " + text))
     return out
 
 

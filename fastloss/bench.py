@@ -59,6 +59,13 @@ Design
   to 2**22 elements, the warm-up prefix above), which gives each row its error
   columns; and fastloss and torch are compared with NumPy, a mismatch being flagged,
   since a fast wrong answer is not a result.
+* **Fused linear + cross-entropy** (``--loss linear_cross_entropy`` or ``--full``; not in
+  the default run).  :data:`LINEAR_PRESETS` holds the (N, H, V) cases and thread counts;
+  every run is one call in a fresh process (``fastloss._bench_linear``: time and peak
+  extra memory from the child's own ``VmHWM``), providers interleaved: ``fastloss`` (the NumPy API, the
+  only one without torch), ``fastloss_torch``, ``torch`` (skipped when memory is short) and
+  ``torch_chunked``.  :func:`finish_linear` adds the medians, the ratios against both
+  fastloss providers, issue 8's targets and the agreement of the providers' losses.
 * **Output.**  Progress on stderr (:class:`Progress`), the report on stdout; the text,
   the ``--markdown`` file, the ``--plot`` and the ``--compare`` table are rendered from
   the report dict (what ``--json`` writes) by :mod:`fastloss._bench_report`.  Ctrl-C
@@ -1067,6 +1074,8 @@ class Options:
     smoke: bool = False            # tiny cases, 2 calls each, a small read-bandwidth probe (the tests)
     sizes_given: bool = False      # --sizes given: it also replaces the elementwise losses' own sizes
     training: str | None = None    # the PyTorch training step (TRAINING_PRESETS key), or None: not timed
+    linear: str | None = None      # the fused linear + cross-entropy (LINEAR_PRESETS key), or None: not timed
+    linear_threads: tuple | None = None  # its thread counts (--threads); None: the preset's
 
     def cases(self) -> list[Case]:
         if self.losses == []:      # only the training step was asked for
@@ -1118,6 +1127,132 @@ def run_training(opts: Options, status: Callable[[str], None] | None = None) -> 
             memory.append({"shape": format_shape(shape), "dtype": dtype, "provider": provider,
                            "peak_bytes": _bench_torch.peak_memory(shape, dtype, provider, max(opts.threads))})
     return {"speed": speed, "memory": memory}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPreset:
+    """The fused linear + cross-entropy of one kind of run (``fastloss._bench_linear``): each
+    (N, H, V) case at each thread count, every provider, each run one call (the loss and the
+    gradients of input and weight, float32) in a fresh process; ``repeats`` None: 3 runs per
+    provider below 2e12 flops, 1 above (``_bench_linear.default_repeats``)."""
+    cases: tuple
+    threads: tuple
+    repeats: int | None = None
+
+
+#: ``--loss linear_cross_entropy`` (or ``--full``) runs "full": the two cases of issue 8 (about 15
+#: minutes on 2 cores); not part of the default run.
+LINEAR_PRESETS = {
+    "full": LinearPreset(((4096, 1024, 32000), (8192, 2048, 128256)), (1, 2)),
+    "quick": LinearPreset(((1024, 512, 8000),), (1, 2), 3),
+    "smoke": LinearPreset(((64, 32, 500),), (1,), 1),
+}
+LINEAR_NAMES = ("linear_cross_entropy", "linear")
+#: Issue 8's targets, per case and thread count, for each fastloss provider: at least this many
+#: times faster than torch's chunked path at no more peak extra memory; no slower than torch's
+#: reference path at most this fraction of its peak extra memory; the big case within this budget.
+LINEAR_TARGET_CHUNKED_SPEEDUP = 1.3
+LINEAR_TARGET_PLAIN_MEMORY = 0.25
+LINEAR_TARGET_BUDGET_CASE = (8192, 2048, 128256)
+LINEAR_TARGET_BUDGET_GIB = 2.0
+#: Providers whose losses differ from the others' by more than this (relative) are flagged.
+LINEAR_LOSS_RTOL = 1e-4
+
+
+def linear_plan(opts: Options) -> dict | None:
+    """What the linear + cross-entropy section of `opts` runs (None: not asked for)."""
+    if not opts.linear:
+        return None
+    from fastloss import _bench_linear
+    pre = LINEAR_PRESETS[opts.linear]
+    use_torch = opts.torch and torch_available()
+    return {"preset": opts.linear, "cases": [list(c) for c in pre.cases],
+            "threads": list(opts.linear_threads or pre.threads),
+            "repeats": [opts.repeat or pre.repeats or _bench_linear.default_repeats(*c) for c in pre.cases],
+            "providers": list(_bench_linear.PROVIDERS if use_torch else ("fastloss",)),
+            "torch": use_torch,
+            "torch_missing_reason": None if use_torch else ("--no-torch" if not opts.torch else
+                                                            "PyTorch is not installed")}
+
+
+def run_linear(opts: Options, section: dict, progress: "Progress | None" = None) -> dict:
+    """The linear + cross-entropy section of the report, filled into `section` as the runs finish
+    (so that Ctrl-C keeps them): the plan (:func:`linear_plan`), ``records`` (one per fresh-process
+    run, ``fastloss._bench_linear.worker``'s), ``skipped`` (messages: torch's reference path left
+    out for lack of memory); :func:`finish_linear` adds the summary and the targets."""
+    from fastloss import _bench_linear
+
+    section.update(linear_plan(opts))
+    section.setdefault("records", [])
+    section.setdefault("skipped", [])
+    for (N, H, V), repeats in zip(section["cases"], section["repeats"]):
+        for th in section["threads"]:
+            what = f"linear_cross_entropy {N}x{H}x{V}, {th} thread{'s' if th != 1 else ''}"
+
+            def log(text, what=what):
+                if text.startswith("#"):
+                    section["skipped"].append(text.lstrip("# "))
+                    return
+                rec = json.loads(text)
+                line = (f"{what}, {rec['provider']}: " + (f"error: {rec['error']}" if "error" in rec else
+                                                          f"{rec['seconds']:.3g} s, "
+                                                          f"{rec['peak_extra_bytes'] / 2 ** 30:.3f} GiB"))
+                if progress is not None:
+                    progress.line(line)
+            if progress is not None:
+                progress.status(f"{what}: {repeats} run{'s' if repeats != 1 else ''} per provider, fresh processes")
+            _bench_linear.run_case(N, H, V, th, repeats, tuple(section["providers"]), None, log=log,
+                                   records=section["records"])
+    return section
+
+
+def _target(speedup, ours, theirs, min_speedup: float, max_memory: float) -> dict:
+    """One target: time(theirs) / time(ours) >= min_speedup and peak(ours) <= max_memory * peak(theirs)."""
+    if theirs is None:
+        return {"holds": None, "speedup": None, "memory_ratio": None}
+    a, b = ours["peak_extra_gib"], theirs["peak_extra_gib"]
+    return {"holds": bool(speedup >= min_speedup and a <= max_memory * b), "speedup": speedup,
+            "memory_ratio": a / b if b else None}
+
+
+def finish_linear(section: dict) -> dict:
+    """Add ``summary`` (``_bench_linear.summarize``), ``targets`` (issue 8's, per case, thread count
+    and fastloss provider), ``loss_agreement`` (per case and thread count: the largest relative
+    difference between the providers' losses) and ``errors`` to the section."""
+    from fastloss import _bench_linear
+
+    rows = _bench_linear.summarize(section.get("records", []))
+    section["summary"] = rows
+    section["errors"] = [f"{r['N']}x{r['H']}x{r['V']} {r['threads']} thread(s) {r['provider']}: {r['error']}"
+                         for r in section.get("records", []) if "error" in r]
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["N"], r["H"], r["V"], r["threads"]), {})[r["provider"]] = r
+    targets, agreement = [], []
+    for (N, H, V, th), provs in by.items():
+        losses = [p["loss"] for p in provs.values()]
+        ref = provs.get("fastloss", next(iter(provs.values())))["loss"]
+        diff = max(abs(v - ref) for v in losses) / abs(ref) if ref else max(abs(v) for v in losses)
+        agreement.append({"N": N, "H": H, "V": V, "threads": th, "providers": list(provs),
+                          "max_rel_diff": diff, "agree": diff <= LINEAR_LOSS_RTOL})
+        for base in _bench_linear.BASES:
+            f = provs.get(base)
+            if f is None:
+                continue
+            t = {"N": N, "H": H, "V": V, "threads": th, "provider": base}
+            tc, tp = provs.get("torch_chunked"), provs.get("torch")
+            t["vs_torch_chunked"] = _target(tc and tc["ratios"][base]["time"], f, tc,
+                                            LINEAR_TARGET_CHUNKED_SPEEDUP, 1.0)
+            t["vs_torch"] = _target(tp and tp["ratios"][base]["time"], f, tp, 1.0, LINEAR_TARGET_PLAIN_MEMORY)
+            if (N, H, V) == LINEAR_TARGET_BUDGET_CASE:
+                t["budget"] = {"holds": f["peak_extra_gib"] <= LINEAR_TARGET_BUDGET_GIB,
+                               "peak_extra_gib": f["peak_extra_gib"], "budget_gib": LINEAR_TARGET_BUDGET_GIB}
+            else:
+                t["budget"] = None
+            targets.append(t)
+    section["targets"] = targets
+    section["loss_agreement"] = agreement
+    return section
 
 
 def _isatty(stream) -> bool:
@@ -1182,6 +1317,14 @@ class Progress:
         self.title = text
         if self.tty:
             self._draw()
+
+    def line(self, text: str):
+        """A finished step that is not a case: the status line on a terminal, a plain line otherwise."""
+        if self.tty:
+            self.status(text)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def tick(self):
         if self.tty and self.clock() - self.last_draw >= 0.25:
@@ -1248,7 +1391,8 @@ def _report_options(opts: Options, all_cases: list[Case], isas: list, use_torch:
             "regression_numpy_max_elements": REGRESSION_NUMPY_MAX,
             "total_cases": len(all_cases),
             "training": opts.training if use_torch else None,
-            "training_only": opts.losses == []}
+            "training_only": opts.losses == [],
+            "linear": linear_plan(opts)}
 
 
 def run(opts: Options, out=None, err=None) -> dict:
@@ -1356,6 +1500,9 @@ def run(opts: Options, out=None, err=None) -> dict:
         inputs.clear()
         if opts.training and use_torch:
             report["training_step"] = run_training(opts, progress.status)
+        if opts.linear:
+            report["linear_cross_entropy"] = linear_plan(opts)
+            run_linear(opts, report["linear_cross_entropy"], progress)
         progress.status("measuring the read bandwidth again")
         measure_read_bandwidth(opts.threads, bw_bytes, bw_rounds, into=bw)
     except KeyboardInterrupt:
@@ -1373,6 +1520,8 @@ def run(opts: Options, out=None, err=None) -> dict:
             torch.set_num_threads(torch_threads)
     for r, key in pending:
         r["peak_extra_bytes"]["torch"] = torch_sub.get(key)
+    if "linear_cross_entropy" in report:
+        finish_linear(report["linear_cross_entropy"])
 
     # The yardstick is the best read (as STREAM reports): contention only ever slows a read.
     read_gbps = {th: bw_bytes / min(s) / 1e9 for th, s in bw.items() if s}
