@@ -15,7 +15,7 @@ the inputs are allocated and touched, a tiny warm-up call loads lazy state (BLAS
 thread pools), then the process's peak RSS (``VmHWM``) is reset to its current RSS, the
 timed call is made, and ``VmHWM`` is read: its excess over the RSS before the call is the
 call's peak extra memory (the returned gradients included, for every provider).  Not
-``ru_maxrss``, which a child inherits from its parent (see :func:`peak_probe`).  Repeats
+``ru_maxrss``, which a child inherits from its parent (see :func:`fastloss._peakmem.peak_probe`).  Repeats
 are interleaved across providers (A B C A B C ...) so that load changes on a shared machine
 hit every provider alike; medians and ratios are reported.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,56 +31,11 @@ import time
 
 import numpy as np
 
+from fastloss._peakmem import peak_after, peak_probe
+
 CASES = ((4096, 1024, 32000), (8192, 2048, 128256))
 PROVIDERS = ("fastloss", "fastloss_torch", "torch", "torch_chunked")
 GIB = 2.0 ** 30
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
-
-
-def _status_bytes(field: str) -> int | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_probe():
-    """(method, before): how the peak extra memory of the next call is measured, and the value
-    to subtract from :func:`peak_after`'s.
-
-    Not ``ru_maxrss``: on Linux a process started by ``subprocess`` (vfork + exec) inherits
-    its parent's high-water RSS in ``ru_maxrss``, so a parent that once touched 1 GiB (the
-    bench CLI's read-bandwidth probe) hid every child's peak below that.  ``VmHWM`` is the
-    high-water mark of this process's own address space; reset to the current RSS just
-    before the call, ``VmHWM`` after it minus ``VmRSS`` before it is the call's peak extra
-    memory.  Fallbacks: ``VmHWM`` growth without the reset, then ``ru_maxrss`` growth."""
-    if _reset_peak_rss() and _status_bytes("VmRSS") is not None:
-        return "VmHWM after - VmRSS before (VmHWM reset)", _status_bytes("VmRSS")
-    if _status_bytes("VmHWM") is not None:
-        return "VmHWM growth", _status_bytes("VmHWM")
-    return "ru_maxrss growth", _maxrss_bytes()
-
-
-def peak_after(method: str) -> int:
-    return _maxrss_bytes() if method.startswith("ru_maxrss") else _status_bytes("VmHWM")
 
 
 def _inputs(N, H, V, seed=0):

@@ -371,7 +371,7 @@ def _training_blocks(tr: dict | None) -> list[tuple]:
         out.append(("table", head, rows, {"shape", "dtype"}))
     out.append(("note", "median milliseconds of one step (forward, backward, logits.grad = None), both providers "
                         "timed interleaved at the same thread count (torch.set_num_threads); memory: extra peak "
-                        "resident memory of one step in a fresh process (ru_maxrss after the step minus after "
+                        "resident memory of one step in a fresh process (peak RSS during the step minus RSS after "
                         "the inputs were made). fastloss.torch computes the gradient in the forward call and keeps "
                         "only it; F.cross_entropy keeps log_softmax and builds its gradient in backward."))
     return out

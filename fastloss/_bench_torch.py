@@ -6,9 +6,9 @@ backward -> ``logits.grad = None``, with ``fastloss.torch.cross_entropy`` and wi
   (fastloss, torch, fastloss, torch, ...) in one process so that both see the same machine
   load; the ratio torch / fastloss is the speed-up.
 * :func:`peak_memory`: the extra peak resident memory of one step, measured in a fresh
-  subprocess per (shape, dtype, provider): ``ru_maxrss`` after the step minus ``ru_maxrss``
-  after allocating the logits and the target (filled chunk by chunk, so that no temporary
-  raises the baseline high-water mark).
+  subprocess per (shape, dtype, provider): the peak RSS during the step (``VmHWM``, reset
+  just before it) minus the RSS after allocating the logits and the target
+  (:mod:`fastloss._peakmem`).
 * :func:`format_markdown`: the rows as a Markdown table.
 """
 from __future__ import annotations
@@ -99,25 +99,26 @@ def training_step_cases(shapes, dtypes, threads, repeats: int = 5) -> list[dict]
 
 
 _MEMORY_SCRIPT = r"""
-import json, resource, sys
+import json, sys
 import torch
 from fastloss._bench_torch import _make_inputs, _step_fn
+from fastloss._peakmem import peak_after, peak_probe
 shape, dtype_name, provider, threads = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 step = _step_fn(provider, threads)
 small, small_t = _make_inputs((4, 16), dtype_name)
 step(small, small_t)                      # imports, lazy initialisation
 logits, target = _make_inputs(tuple(shape), dtype_name)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+method, before = peak_probe()
 step(logits, target)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"before_kib": before, "after_kib": after}))
+print(json.dumps({"before": before, "after": peak_after(method), "method": method}))
 """
 
 
 def peak_memory(shape, dtype: str, provider: str, threads: int = 1) -> int:
     """Extra peak resident memory (bytes) of one training step, measured in a fresh subprocess:
-    ru_maxrss after the step minus ru_maxrss after allocating the logits and the target."""
+    the peak RSS during the step minus the RSS after allocating the logits and the target
+    (:func:`fastloss._peakmem.peak_probe`)."""
     shape = parse_shape(shape) if isinstance(shape, str) else tuple(shape)
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -125,7 +126,7 @@ def peak_memory(shape, dtype: str, provider: str, threads: int = 1) -> int:
     r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, arg], capture_output=True, text=True, check=True,
                        env=dict(os.environ))
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    return (out["after_kib"] - out["before_kib"]) * 1024
+    return out["after"] - out["before"]
 
 
 def format_markdown(rows: list[dict]) -> str:
