@@ -41,6 +41,7 @@ source "$work/venv/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet ml_dtypes 2>/dev/null || echo "sanitize.sh: ml_dtypes unavailable (bfloat16 tests skipped)"
 echo "sanitize.sh: building with FASTLOSS_SANITIZE=address,undefined"
+t_build=$(date +%s)
 # Built from a copy without build products: pip builds in the source tree, and sanitized objects
 # left in build/ would be linked into the next plain build there.
 mkdir -p "$work/src"
@@ -48,6 +49,7 @@ tar -C "$repo" --exclude=./build --exclude=./.git --exclude='*.so' --exclude='__
 if ! FASTLOSS_SANITIZE=address,undefined python -m pip install --no-cache-dir "$work/src[test]" >"$work/pip.log" 2>&1; then
     cat "$work/pip.log"; echo "sanitize.sh: the sanitized build failed" >&2; exit 2
 fi
+echo "sanitize.sh: built and installed in $(( $(date +%s) - t_build )) s"
 
 mkdir -p "$work/logs"
 export ASAN_OPTIONS="detect_leaks=1:exitcode=86:log_path=$work/logs/asan:allocator_may_return_null=1:handle_segv=1:detect_stack_use_after_return=0:strict_init_order=1"
