@@ -35,6 +35,11 @@ whose class axis is contiguous are read in place (any row stride); (N, C, d1, ..
 kernel, so they cost one copy of the logits (the gradient is then returned as a strided
 view of a (N, d1, ..., C) buffer).
 
+``linear_cross_entropy`` (an LM head: ``input @ linear_weight.T + linear_bias`` and its
+cross-entropy) has three differentiable tensors: its forward streams the rows through
+:mod:`fastloss.linear`'s chunk buffer with torch's own BLAS doing the GEMMs (:class:`_TorchGemm`)
+and keeps the gradients of the tensors that require grad; backward scales them like the others.
+
 Module classes subclass the corresponding ``torch.nn`` loss classes (``isinstance`` checks,
 ``state_dict`` buffers and the legacy ``size_average``/``reduce`` handling of ``torch.nn`` keep
 working) and override ``forward``.
