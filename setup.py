@@ -122,7 +122,7 @@ class BuildExt(build_ext):
             san = os.environ.get("FASTLOSS_SANITIZE")
             if san:
                 cflags = [f for f in cflags if f != "-O3"] + [
-                    "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={san}", "-fno-sanitize-recover=all"]
+                    "-O1", "-g1", "-fno-omit-frame-pointer", f"-fsanitize={san}", "-fno-sanitize-recover=all"]
                 lflags.append(f"-fsanitize={san}")
                 _log(f"sanitizers on: {san}")
             extra = os.environ.get("FASTLOSS_EXTRA_CFLAGS")

@@ -10,9 +10,10 @@
 # cases (ASan's shadow memory cannot be mapped under QEMU's user-mode emulation).
 #
 # How:
-# * FASTLOSS_SANITIZE=address,undefined (setup.py): -O1 -g -fno-omit-frame-pointer
+# * FASTLOSS_SANITIZE=address,undefined (setup.py): -O1 -g1 -fno-omit-frame-pointer
 #   -fsanitize=address,undefined -fno-sanitize-recover=all, so the first UBSan finding aborts
-#   the run like an ASan one.  The C kernels and the Cython glue are both instrumented.
+#   the run like an ASan one (-g1: line tables only, enough for the reports' file:line, and
+#   the build takes ~60% of -g's time).  The C kernels and the Cython glue are both instrumented.
 # * The interpreter is not instrumented, so the ASan runtime is preloaded (LD_PRELOAD) and
 #   PYTHONMALLOC=malloc routes Python's and NumPy's small allocations through it too (else
 #   pymalloc's arenas would hide overruns of small arrays).
