@@ -15,9 +15,9 @@ Design (per chunk of rows [s, e), all steps in place in that buffer):
 3. The fused cross-entropy row kernel (``fastloss._core.cross_entropy_rows``, the one under
    ``cross_entropy``) reads each row of L once for its max / log-sum-exp and writes the row's
    loss and ``G = grad_scale * d loss / d L`` over L (mode "grad", in place).
-4. ``grad_linear_weight += G.T @ x_k``: a GEMM with beta = 1 (SciPy's BLAS wrapper when SciPy
-   is importable, which writes into the accumulator; else NumPy's matmul in blocks of vocabulary
-   rows into a small reused block, then added), ``grad_linear_bias += sum_rows G``,
+4. ``grad_linear_weight += G.T @ x_k``: at one thread a GEMM with beta = 1 (SciPy's BLAS
+   wrapper when SciPy is importable, which writes into the accumulator); else NumPy's matmul in
+   blocks of vocabulary rows into a small reused block, then added), ``grad_linear_bias += sum_rows G``,
    ``grad_input[rows] = G @ W`` (a GEMM; ignored rows get 0).
 
 The forward-only call stops after step 3 (mode "none": no gradient written).  Peak extra
@@ -111,47 +111,21 @@ def _blas_threads(n: int):
     return ctl.limit(limits=n, user_api="blas")
 
 
-_pool_state: dict = {}
-#: Split ``grad_input = G @ W`` over Python threads (see _gemm_gx); a switch for the benchmark.
-SPLIT_GX = True
+#: Size of the block of the weight gradient made by one GEMM and then added (see _gemm_accumulate).
+ACC_BLOCK_BYTES = 8 * 2 ** 20
 
 
-def _pool(n: int):
-    with _blas_lock:
-        ex = _pool_state.get(n)
-        if ex is None:
-            from concurrent.futures import ThreadPoolExecutor
-            ex = _pool_state[n] = ThreadPoolExecutor(n, thread_name_prefix="fastloss-gemm")
-        return ex
+def _gemm_accumulate(acc: np.ndarray, g: np.ndarray, x: np.ndarray, tmp_holder: list, nthreads: int) -> None:
+    """acc (V, H) += g.T @ x, with g (k, V) and x (k, H) C-contiguous, acc C-contiguous.
 
-
-def _gemm_gx(out: np.ndarray, g: np.ndarray, w: np.ndarray, nthreads: int) -> None:
-    """out (k, H) = g (k, V) @ w (V, H).
-
-    OpenBLAS barely speeds this short, very deep product (K = V) up with a second thread
-    (measured 45 GFLOP/s at 1 and at 2 threads for k = 512, V = 32000, H = 1024), so with
-    several threads (and a BLAS limit we control) the H columns are split over `nthreads`
-    Python threads, each a single-threaded GEMM (NumPy releases the GIL): +30% for this GEMM
-    on 2 cores.  Each output element is computed by the same single-threaded kernel for a
-    given thread count; still n busy threads at most."""
-    H = out.shape[1]
-    ctl = _blas()[1]
-    if not SPLIT_GX or nthreads < 2 or ctl is None or H < 128 or g.shape[0] < 64:
-        np.matmul(g, w, out=out)
-        return
-    n = min(nthreads, H // 64)
-    bounds = [H * i // n for i in range(n + 1)]
-    with ctl.limit(limits=1, user_api="blas"):
-        futs = [_pool(n).submit(np.matmul, g, w[:, a:b], out=out[:, a:b]) for a, b in zip(bounds, bounds[1:])]
-        for f in futs:
-            f.result()
-
-
-def _gemm_accumulate(acc: np.ndarray, g: np.ndarray, x: np.ndarray, tmp_holder: list) -> None:
-    """acc (V, H) += g.T @ x, with g (k, V) and x (k, H) C-contiguous, acc C-contiguous."""
+    At one thread, SciPy's GEMM wrapper (when SciPy is importable) accumulates in place
+    (beta = 1).  With several threads NumPy's matmul makes the product a block of vocabulary
+    rows at a time (ACC_BLOCK_BYTES) and adds it: SciPy brings its own OpenBLAS, whose thread
+    pool then spins next to NumPy's and the kernel's on the same cores (measured at (4096,
+    1024, 32000) on 2 cores: the whole call 15-20 % slower than with the blocks)."""
     if acc.size == 0 or x.shape[0] == 0:
         return
-    gemm = _blas()[0]
+    gemm = _blas()[0] if nthreads == 1 else None
     if gemm is not None:
         # In Fortran order acc.T is (H, V) = x.T (H, k) @ g (k, V); g.T (V, k) is F-contiguous.
         r = gemm[acc.dtype](1.0, x.T, g.T, beta=1.0, c=acc.T, trans_b=1, overwrite_c=1)
@@ -159,7 +133,7 @@ def _gemm_accumulate(acc: np.ndarray, g: np.ndarray, x: np.ndarray, tmp_holder: 
             acc.T[...] = r
         return
     V, H = acc.shape
-    vb = max(1, min(V, (8 * 2 ** 20) // max(1, H * acc.itemsize)))   # an 8 MiB block
+    vb = max(1, min(V, ACC_BLOCK_BYTES // max(1, H * acc.itemsize)))
     if not tmp_holder:
         tmp_holder.append(np.empty((vb, H), dtype=acc.dtype))
     tmp = tmp_holder[0]
@@ -188,10 +162,11 @@ class NumpyGemm:
         np.matmul(x, w.T, out=out)
 
     def accumulate(self, acc, g, x):
-        _gemm_accumulate(acc, g, x, self._tmp)
+        _gemm_accumulate(acc, g, x, self._tmp, self.nthreads)
 
-    def gx(self, out, g, w):
-        _gemm_gx(out, g, w, self.nthreads)
+    @staticmethod
+    def gx(out, g, w):
+        np.matmul(g, w, out=out)
 
 
 # ---- the call ---------------------------------------------------------------------------------
@@ -482,8 +457,9 @@ def linear_cross_entropy_with_grad(input, linear_weight, target, *, linear_bias=
         grad_linear_bias   = G.sum(rows)    (V,), linear_bias's dtype; None without a bias
 
     ``grad_linear_weight`` is accumulated over the chunks in float32 (float64 when computing
-    in float64) by a GEMM with beta = 1 (SciPy's BLAS wrapper if SciPy is importable, else
-    NumPy's matmul into an 8 MiB block that is then added), ``grad_linear_bias`` in float64.
+    in float64): at one thread by a GEMM with beta = 1 (SciPy's BLAS wrapper if SciPy is
+    importable), else by NumPy's matmul into an 8 MiB block that is then added;
+    ``grad_linear_bias`` in float64.
     Extra memory: the chunk buffer, one (chunk_size, H) buffer, and the gradients (plus, for
     a 16-bit ``linear_weight``, its float32 copy and accumulator).
 
