@@ -62,7 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     "(loss and the gradients of input and weight, float32) at (N, H, V) = (4096, 1024, 32000) and\n"
                     "(8192, 2048, 128256), threads 1 and 2 (or --threads), each run one call in a fresh process:\n"
                     "fastloss.linear (NumPy), fastloss.torch (autograd), and with PyTorch F.linear_cross_entropy\n"
-                    "plain and chunked; medians, peak extra memory and issue 8's targets (about 15 minutes; not\n"
+                    "plain and chunked; medians, peak extra memory and issue 8's targets (about 17 minutes; not\n"
                     "in the default run; --quick: 1024x512x8000).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--quick", action="store_true",
@@ -70,11 +70,11 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full", action="store_true",
                    help="every loss, the whole cross-entropy set (shapes, modes; NumPy at every float32 shape) "
                         "and float32 and float16 for both families, the training step, and the fused linear + "
-                        "cross-entropy (about 15 minutes of it): about 25 minutes")
+                        "cross-entropy (about 17 minutes of it): about 27 minutes")
     b.add_argument("--loss", action="append", metavar="NAME",
                    help="a loss to time, or a family: regression, classification, elementwise, rows, or "
                         "training_step (the PyTorch training step), or linear_cross_entropy (alias linear: the "
-                        "fused linear + cross-entropy, fresh processes, ~15 minutes); repeatable or "
+                        "fused linear + cross-entropy, fresh processes, ~17 minutes); repeatable or "
                         "comma-separated; default: all but linear_cross_entropy; cross_entropy, a row loss, "
                         "training_step or linear_cross_entropy selects its whole set")
     b.add_argument("--threads", metavar="LIST", default=None,
