@@ -115,7 +115,7 @@ def _threads(num_threads):
     return torch.get_num_threads() if num_threads is None else num_threads
 
 
-def _unsupported(name: str, input, others=(), no_grad=()):
+def _unsupported(name: str, input, others=(), no_grad=(), differentiates="input only"):
     """The reason to fall back to torch, or None.  `others`: tensors that must be CPU; `no_grad`:
     (argument name, tensor) pairs that must not require grad."""
     if not isinstance(input, torch.Tensor):
@@ -129,7 +129,7 @@ def _unsupported(name: str, input, others=(), no_grad=()):
         return f"input dtype {input.dtype} (fastloss takes float16/float32/float64/bfloat16)"
     for arg, t in no_grad:
         if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
-            return f"{arg} requires grad (fastloss differentiates input only)"
+            return f"{arg} requires grad (fastloss differentiates {differentiates})"
     return None
 
 
@@ -634,11 +634,15 @@ class _TorchGemm:
 
     @contextlib.contextmanager
     def threads(self):
+        from fastloss.linear import _blas_threads
         old = torch.get_num_threads()
         if old != self.nthreads:
             torch.set_num_threads(self.nthreads)
         try:
-            yield
+            # NumPy's BLAS (the bias gradient's matrix-vector product) at one thread: its own
+            # pool would otherwise wake on every chunk next to torch's threads (2x slower with a bias)
+            with _blas_threads(1):
+                yield
         finally:
             if torch.get_num_threads() != old:
                 torch.set_num_threads(old)
@@ -657,7 +661,8 @@ class _TorchGemm:
 
 
 class _LinearSpec:
-    """The non-differentiable arguments of one linear_cross_entropy call."""
+    """The non-differentiable arguments of one linear_cross_entropy call (the tensors among them
+    are also saved with ``save_for_backward`` when backward may need them, and passed back in)."""
 
     __slots__ = ("target", "weight", "sample_weight", "ignore_index", "reduction", "label_smoothing", "z_loss",
                  "softcap", "chunk_size", "nthreads")
@@ -666,24 +671,35 @@ class _LinearSpec:
         for k, v in kw.items():
             setattr(self, k, v)
 
-    def lce(self, input, linear_weight, linear_bias, sample_weight=None, reduction=None):
+    def saved(self):
+        """The tensors among target, weight, sample_weight (None for the others)."""
+        return tuple(t if isinstance(t, torch.Tensor) else None for t in (self.target, self.weight, self.sample_weight))
+
+    def lce(self, input, linear_weight, linear_bias, saved=(None, None, None), sample_weight=None, reduction=None):
+        """The fastloss.linear call; `saved`: target, weight, sample_weight as saved for backward
+        (None: the spec's own)."""
         from fastloss.linear import _LCE
-        sw = self.sample_weight if sample_weight is None else sample_weight
-        return _LCE(_numpy(input), _numpy(linear_weight), _numpy(self.target), _numpy(linear_bias),
-                    _numpy(self.weight), _numpy(sw), self.ignore_index, reduction or self.reduction,
+        target, weight, sw = (s if s is not None else o
+                              for s, o in zip(saved, (self.target, self.weight, self.sample_weight)))
+        if sample_weight is not None:
+            sw = sample_weight
+        return _LCE(_numpy(input), _numpy(linear_weight), _numpy(target), _numpy(linear_bias),
+                    _numpy(weight), _numpy(sw), self.ignore_index, reduction or self.reduction,
                     self.label_smoothing, self.z_loss, self.softcap, self.chunk_size, self.nthreads)
 
-    def grads(self, need, input, linear_weight, linear_bias, grad_output=None):
-        """(grad_input, grad_linear_weight, grad_linear_bias) as tensors (None where not needed).
-        With `grad_output` (reduction "none": per-row upstream gradients) the gradient of
-        sum(grad_output * loss) is computed, as reduction "sum" with grad_output folded into
-        the sample weights."""
+    def grads(self, need, input, linear_weight, linear_bias, target, weight, sample_weight, grad_output=None):
+        """(grad_input, grad_linear_weight, grad_linear_bias) as tensors (None where not needed),
+        from the saved tensors.  With `grad_output` (reduction "none": per-row upstream gradients)
+        the gradient of sum(grad_output * loss) is computed, as reduction "sum" with grad_output
+        folded into the sample weights."""
+        saved = (target, weight, sample_weight)
         if grad_output is None:
-            lce = self.lce(input, linear_weight, linear_bias)
+            lce = self.lce(input, linear_weight, linear_bias, saved)
         else:
             go = grad_output.detach().to(torch.float64).numpy()
-            sw = go if self.sample_weight is None else np.asarray(_numpy(self.sample_weight), np.float64) * go
-            lce = self.lce(input, linear_weight, linear_bias, sample_weight=sw, reduction="sum")
+            sw = sample_weight if sample_weight is not None else self.sample_weight
+            sw = go if sw is None else np.asarray(_numpy(sw), np.float64) * go
+            lce = self.lce(input, linear_weight, linear_bias, saved, sample_weight=sw, reduction="sum")
         _, gx, gw, gb = lce.run(grad=True, need=need, gemm=_TorchGemm(self.nthreads))
         return tuple(None if g is None else _tensor(g) for g in (gx, gw, gb))
 
@@ -699,7 +715,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, spec, input, linear_weight, linear_bias):
         need = tuple(n for n, r in zip(_LINEAR_NAMES, ctx.needs_input_grad[1:]) if r)
         ctx.spec, ctx.need, ctx.grads = spec, need, None
-        ctx.save_for_backward(input, linear_weight, linear_bias)
+        ctx.save_for_backward(input, linear_weight, linear_bias, *spec.saved())
         if spec.reduction == "none":       # the gradient needs the per-row upstream gradients: in backward
             loss = spec.lce(input, linear_weight, linear_bias).run(grad=False, gemm=_TorchGemm(spec.nthreads))
             return _loss_tensor(loss, input.dtype)
@@ -784,8 +800,13 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                       reduction=reduction, ignore_index=ignore_index,
                                       label_smoothing=label_smoothing)          # torch's error
     reason = _unsupported("linear_cross_entropy", input, (linear_weight, target, linear_bias, weight, sample_weight),
-                          (("target", target), ("weight", weight), ("sample_weight", sample_weight)))
-    if reason is None and (not isinstance(linear_weight, torch.Tensor) or linear_weight.dim() != 2):
+                          (("target", target), ("weight", weight), ("sample_weight", sample_weight)),
+                          differentiates="input, linear_weight and linear_bias only")
+    for arg, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastloss.torch.linear_cross_entropy: {arg} must be a torch.Tensor, got "
+                            f"{type(t).__name__} (use fastloss.linear_cross_entropy for NumPy arrays)")
+    if reason is None and linear_weight.dim() != 2:
         reason = "a K-dimensional linear_weight (V, d1, ..., H)"
     if reason is None and (linear_weight.dtype != input.dtype or (
             isinstance(linear_bias, torch.Tensor) and linear_bias.dtype != input.dtype)):

@@ -377,10 +377,16 @@ def test_weight_gradient_accumulation_paths(rng, monkeypatch, num_threads):
     a block of vocabulary rows at a time, then added (here blocks of 16 rows: several per chunk)."""
     import fastloss.linear as lin
     monkeypatch.setattr(lin, "ACC_BLOCK_BYTES", 16 * 200 * 8)
+    gemm, ctl = lin._blas()
+    used = []
+    if gemm is not None:
+        spied = {dt: (lambda *a, _f=f, **kw: (used.append("scipy"), _f(*a, **kw))[1]) for dt, f in gemm.items()}
+        monkeypatch.setattr(lin, "_blas", lambda: (spied, ctl))
     x, W, b, t = _problem(rng, N=150, H=200, V=97, ignore_every=5)     # chunk 1: 80 of 100 rows kept
     eloss, egx, egw, egb = _ours_materialized(x, W, b, t)
     loss, gx, gw, gb = linear_cross_entropy_with_grad(x, W, t, linear_bias=b, chunk_size=100,
                                                       num_threads=num_threads)
+    assert used == (["scipy"] * 2 if gemm is not None and num_threads == 1 else []), used
     assert_close(loss, eloss, rtol=1e-12, what="loss")
     assert_close(gx, egx, rtol=1e-10, atol=1e-15, what="grad_input")
     assert_close(gw, egw, rtol=1e-10, atol=1e-15, what="grad_linear_weight")

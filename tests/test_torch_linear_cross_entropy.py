@@ -248,9 +248,38 @@ def test_retain_graph_and_accumulation(reduction):
     loss = flt.linear_cross_entropy(xo, Wo, t, linear_bias=bo, reduction=reduction).sum()
     loss.backward(retain_graph=True)
     first = [g.clone() for g in (xo.grad, Wo.grad, bo.grad)]
-    loss.backward()
+    (3 * loss).backward()                    # the recomputed gradients, scaled by 3
     for g, f in zip((xo.grad, Wo.grad, bo.grad), first):
-        assert_close(g.numpy(), 2 * f.numpy(), rtol=1e-14, atol=1e-300)
+        assert_close(g.numpy(), 4 * f.numpy(), rtol=1e-13, atol=1e-300)
+
+
+def test_inplace_change_of_the_target_before_backward_is_detected():
+    """reduction "none" computes the gradients in backward from the saved target: changing it in
+    place in between is torch's in-place modification error, not a silently wrong gradient."""
+    x, W, b, t = _inputs(9, 4, 6, seed=14)
+    xo, Wo, bo = _leaves(torch.float64, x, W, b)
+    loss = flt.linear_cross_entropy(xo, Wo, t, linear_bias=bo, reduction="none")
+    t[0] = (t[0] + 1) % 6
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+
+
+def test_numpy_blas_limited_to_one_thread_inside_the_call(monkeypatch):
+    """Inside the drop-in's GEMM context NumPy's BLAS (the bias gradient's product) is capped at
+    one thread, whatever num_threads: its own pool would compete with torch's threads."""
+    import fastloss.linear as lin
+    limits = []
+    real = lin._blas_threads
+
+    def spy(n):
+        limits.append(n)
+        return real(n)
+
+    monkeypatch.setattr(lin, "_blas_threads", spy)
+    x, W, b, t = _inputs(16, 4, 6, seed=15)
+    xo, Wo, bo = _leaves(torch.float32, x, W, b)
+    flt.linear_cross_entropy(xo, Wo, t, linear_bias=bo, num_threads=2).backward()
+    assert limits == [1]
 
 
 def test_module_matches_torch_module():
@@ -314,7 +343,7 @@ def test_fallbacks(fresh_warnings):
         flt.linear_cross_entropy(x, W, t.int())
     # extensions in the fallback path: the torch formula
     w = torch.ones(5, dtype=torch.float64, requires_grad=True)
-    with pytest.warns(flt.FallbackWarning, match="weight requires grad"):
+    with pytest.warns(flt.FallbackWarning, match="weight requires grad .*linear_weight and linear_bias"):
         lo = flt.linear_cross_entropy(x, W, t, weight=w, z_loss=0.01, softcap=3.0)
     assert_close(lo.item(), _ref_ext(x, W, t, z_loss=0.01, softcap=3.0).item(), rtol=1e-12)
 
@@ -333,6 +362,8 @@ def test_bad_input():
         flt.linear_cross_entropy(x, W, t, reduction="avg")
     with pytest.raises(TypeError, match="torch.Tensor"):
         flt.linear_cross_entropy(x.numpy(), W, t)
+    with pytest.raises(TypeError, match="linear_weight must be a torch.Tensor"):
+        flt.linear_cross_entropy(x, W.numpy(), t)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                          # no fallback warning on the main path
         flt.linear_cross_entropy(x.requires_grad_(), W, t).backward()
