@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import fastloss
+from fastloss._peakmem import reset_peak_rss, status_bytes
 
 try:                                    # NumPy's BLAS (InfoNCE's matmul) at the same thread count
     from threadpoolctl import threadpool_limits
@@ -32,30 +33,14 @@ except ImportError:                     # pragma: no cover
     threadpool_limits = None
 
 
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
 def torch_peak_extra(fn):
     """Peak RSS increase of one call, in bytes (None if the peak cannot be reset)."""
-    if not _reset_hwm():
+    if not reset_peak_rss():
         return None
-    base = _rss_kb("VmRSS:")
+    base = status_bytes("VmRSS")
     fn()
-    return (_rss_kb("VmHWM:") - base) * 1024
+    hwm = status_bytes("VmHWM")
+    return None if base is None or hwm is None else hwm - base
 
 
 def ours_peak_extra(fn):

@@ -93,6 +93,7 @@ import numpy as np
 import fastloss
 from fastloss import _core, reference
 from fastloss._bench_field import FIELD_LOSSES
+from fastloss._peakmem import reset_peak_rss, status_bytes
 from fastloss._registry import REGISTRY
 
 MODES = ("forward", "with_grad")
@@ -579,29 +580,8 @@ RSS_IN_PROCESS_MIN_BYTES = 32 << 20
 SUBPROCESS_MMAP_THRESHOLD = 1 << 16
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def rss_peak_available() -> bool:
-    return _status_kib("VmHWM") is not None and _reset_peak_rss()
+    return status_bytes("VmHWM") is not None and reset_peak_rss()
 
 
 def peak_extra_memory(fn, method: str) -> int | None:
@@ -632,15 +612,15 @@ def peak_extra_memory(fn, method: str) -> int | None:
                 tracemalloc.stop()
         return max(0, peak - base)
     if method == "rss":
-        if not _reset_peak_rss():
+        if not reset_peak_rss():
             return None
-        rss0 = _status_kib("VmRSS")
+        rss0 = status_bytes("VmRSS")
         r = fn()
-        hwm = _status_kib("VmHWM")
+        hwm = status_bytes("VmHWM")
         del r
         if rss0 is None or hwm is None:
             return None
-        return max(0, hwm - rss0) * 1024
+        return max(0, hwm - rss0)
     raise ValueError(f"unknown memory method {method!r}")
 
 
@@ -823,8 +803,8 @@ def time_call(fn, setup=None, clock=time.perf_counter, peak: list | None = None,
         if memory == "tracemalloc":
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
-        elif _reset_peak_rss():
-            rss0 = _status_kib("VmRSS")
+        elif reset_peak_rss():
+            rss0 = status_bytes("VmRSS")
     t0 = clock()
     r = fn()
     t1 = clock()
@@ -832,8 +812,8 @@ def time_call(fn, setup=None, clock=time.perf_counter, peak: list | None = None,
         peak.append(max(0, tracemalloc.get_traced_memory()[1] - base))
         tracemalloc.stop()
     elif rss0 is not None:
-        hwm = _status_kib("VmHWM")
-        peak.append(None if hwm is None else max(0, hwm - rss0) * 1024)
+        hwm = status_bytes("VmHWM")
+        peak.append(None if hwm is None else max(0, hwm - rss0))
     del r  # released outside the timed region
     return t1 - t0
 
